@@ -1,0 +1,101 @@
+"""Configuration: YAML round trip, overrides, clear errors, stage hashes, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openqpm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_to_dict,
+    demo_config,
+    load_config,
+    save_config,
+    stage_hash,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_paper_recipe() -> None:
+    cfg = RunConfig()
+    assert (cfg.solver.n_features, cfg.solver.n_per_class) == (50, 5)
+    assert cfg.dense.epochs == 150 and cfg.dense.lr_backbone == 5e-3 and cfg.dense.lr_head == 1e-2
+    assert cfg.finetune.epochs == 40 and cfg.finetune.lr_backbone == 1e-4
+    assert cfg.finetune.momentum == 0.95
+    assert abs(cfg.solver.bias_strength - 10**-0.5) < 1e-12
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = apply_overrides(RunConfig(), ["solver.n_features=40", "model.weights=/x/w.pth"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_overrides_parse_types() -> None:
+    cfg = apply_overrides(
+        RunConfig(), ["dense.epochs=3", "data.crop=false", "model.weights=null", "seed=7"]
+    )
+    assert cfg.dense.epochs == 3 and cfg.data.crop is False and cfg.seed == 7
+    assert cfg.model.weights is None
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("solver.n_featurez=3", "solver.n_featurez"),
+        ("dense.epochs=many", "dense.epochs"),
+        ("data.crop=maybe", "data.crop"),
+        ("nothing", "key=value"),
+        ("solver.n_features=2", "n_features must be >= solver.n_per_class"),
+        ("solver.bias=fancy", "solver.bias"),
+    ],
+)
+def test_bad_overrides_name_the_field(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        apply_overrides(RunConfig(), [override])
+
+
+def test_bad_file_names_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("solver:\n  n_feature: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "bad.yaml" in str(info.value) and "n_feature" in str(info.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_stage_hash_tracks_exactly_its_inputs() -> None:
+    base = RunConfig()
+    changed_nf = apply_overrides(base, ["solver.n_features=40"])
+    # n_features changes the problem and everything after it, never the dense model.
+    assert stage_hash(base, "dense") == stage_hash(changed_nf, "dense")
+    assert stage_hash(base, "features") == stage_hash(changed_nf, "features")
+    for stage in ("problem", "assignment", "finetune", "evaluate", "report"):
+        assert stage_hash(base, stage) != stage_hash(changed_nf, stage)
+    # speed-only settings never invalidate work
+    fast = apply_overrides(base, ["data.num_workers=0", "device=cpu", "amp=false"])
+    assert all(stage_hash(base, s) == stage_hash(fast, s) for s in ("dense", "report"))
+    # the seed changes training and the solve
+    seeded = apply_overrides(base, ["seed=3"])
+    assert stage_hash(base, "dense") != stage_hash(seeded, "dense")
+    # the fine-tuning schedule does not change the assignment
+    ft = apply_overrides(base, ["finetune.epochs=3"])
+    assert stage_hash(base, "assignment") == stage_hash(ft, "assignment")
+    assert stage_hash(base, "finetune") != stage_hash(ft, "finetune")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.solver.n_per_class >= 1
+
+
+def test_demo_yaml_matches_demo_config() -> None:
+    loaded = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    assert loaded == config_to_dict(demo_config())
