@@ -70,7 +70,7 @@ class _ConsoleReporter:
         key = (stage, epoch)
         if self._bar_key != key:
             self._close_bar()
-            label = f"{stage} epoch {epoch + 1}" + (f"/{n_epochs}" if n_epochs else "")
+            label = f"{stage} epoch {epoch}" + (f"/{n_epochs}" if n_epochs else "")
             self._bar = tqdm(total=n_steps or None, desc=label, unit="batch", leave=True)
             self._bar_key = key
         postfix = {}

@@ -66,7 +66,8 @@ class ModelConfig:
 
     arch: str = "resnet50"  # a name from openqpm.models.backbone_names()
     weights: str | None = None  # local pretrained weights file; None = random init
-    reduced_strides: bool = True  # stride 1 in the last two ResNet stages (28x28 maps at 224 px)
+    # stride 1 in the last two ResNet stages (28x28 maps at 224 px); None = on for ResNets only
+    reduced_strides: bool | None = None
     dense_dropout: float = 0.2  # dropout on pooled features of the dense head
     qpm_dropout: float = 0.1  # dropout before the fixed normalisation of the QPM head
     diversity_beta: float | None = None  # feature diversity loss weight; None = per-arch default
@@ -130,6 +131,13 @@ class RunConfig:
 _T = TypeVar("_T")
 
 
+def resolved_reduced_strides(model: ModelConfig) -> bool:
+    """``model.reduced_strides``, with None meaning: on for ResNets (as the paper), off otherwise."""
+    if model.reduced_strides is None:
+        return model.arch in {"resnet18", "resnet34", "resnet50"}
+    return model.reduced_strides
+
+
 def demo_config() -> RunConfig:
     """The configuration of ``openqpm demo``: the embedded data set, a small CNN, CPU-sized.
 
@@ -144,7 +152,7 @@ def demo_config() -> RunConfig:
             batch_size=32,
             num_workers=0,
         ),
-        model=ModelConfig(arch="small_cnn", weights=None, reduced_strides=False),
+        model=ModelConfig(arch="small_cnn", weights=None, reduced_strides=None),
         dense=DenseConfig(
             epochs=12,
             lr_backbone=0.05,

@@ -37,6 +37,7 @@ from openqpm.config import (
     RunConfig,
     atomic_write_text,
     config_to_dict,
+    resolved_reduced_strides,
     save_config,
     stage_hash,
 )
@@ -230,7 +231,7 @@ def check_inputs(config: RunConfig) -> None:
             f"unknown backbone {config.model.arch!r}; valid: {', '.join(backbone_names())}"
         )
     try:
-        backbone = create_backbone(config.model.arch, reduced_strides=config.model.reduced_strides)
+        backbone = create_backbone(config.model.arch, reduced_strides=resolved_reduced_strides(config.model))
     except (KeyError, ValueError, ImportError) as error:
         raise PipelineError(str(error)) from None
     check_size = getattr(backbone, "check_image_size", None)
@@ -274,7 +275,7 @@ def _new_dense_model(ctx: _Context) -> Any:
     backbone = create_backbone(
         config.model.arch,
         weights_path=config.model.weights,
-        reduced_strides=config.model.reduced_strides,
+        reduced_strides=resolved_reduced_strides(config.model),
     )
     head = DenseHead(backbone.n_features, train.n_classes, dropout=config.model.dense_dropout)
     mean, std = train.mean_std
@@ -343,10 +344,9 @@ def _stage_features(ctx: _Context) -> dict[str, Any]:
 
     model = _load_model(ctx.run_dir / "dense.safetensors", ctx.device)
     loader = _loader(ctx, "train_eval", train=False)
-    n_batches = len(loader)
 
-    def progress(done: int, total: int = n_batches) -> None:
-        ctx.reporter.pass_progress("features", done, total)
+    def progress(event: Any) -> None:
+        ctx.reporter.pass_progress("features", int(event.step), int(event.n_steps))
 
     result = extract_features(
         model, loader, device=ctx.device, keep_pooled=False, progress=progress

@@ -1,0 +1,139 @@
+"""Image transforms as the paper's code applies them, data set statistics, and their estimation.
+
+Training (fine-grained recipe of the reference code, spec §1.1 and §6): resize (a squash to a
+square for box-cropped birds, otherwise shorter side + random crop with 4 px zero padding),
+random horizontal flip, colour jitter 0.1 (brightness, contrast, saturation; no hue),
+TrivialAugmentWide, tensor, normalisation with the data set's own mean/std. Test: the same resize
+(centre crop instead of the random one), tensor, normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from torchvision import transforms as T
+
+from openqpm.data._base import IMAGENET_MEAN_STD, ImageDataset, MeanStd
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DATASET_STATS", "build_transforms", "compute_mean_std"]
+
+# Per-channel (mean, std) of each data set, as in the reference code's dataset parameters
+# (spec §6). The synthetic set stores its own statistics in openqpm_synthetic.json.
+DATASET_STATS: dict[str, MeanStd] = {
+    "cub": ((0.4853, 0.4964, 0.4295), (0.2300, 0.2258, 0.2625)),
+    "travelingbirds": ((0.4584, 0.4369, 0.3957), (0.2610, 0.2569, 0.2722)),
+    "cars": ((0.4593, 0.4466, 0.4453), (0.2920, 0.2910, 0.2988)),
+    "aircraft": ((0.4827, 0.5130, 0.5352), (0.2236, 0.2170, 0.2478)),
+    "imagenet": IMAGENET_MEAN_STD,
+}
+
+_JITTER = 0.1  # brightness, contrast and saturation jitter of the reference code
+_PADDING_PX = 4  # zero padding of the random crop
+
+
+def build_transforms(
+    *,
+    train: bool,
+    image_size_px: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    squash: bool,
+) -> T.Compose:
+    """The paper's train or test transform, from a PIL image to a normalised tensor.
+
+    Args:
+        train: the augmenting training transform; otherwise the deterministic test transform.
+        image_size_px: side of the square output.
+        mean: per-channel mean used for normalisation (the data set's own).
+        std: per-channel standard deviation used for normalisation.
+        squash: resize to a square ignoring the aspect ratio (box-cropped birds); otherwise
+            resize the shorter side and crop the square (random crop with padding when training,
+            centre crop when testing).
+
+    Returns:
+        A transform producing float tensors of shape ``(3, image_size_px, image_size_px)``.
+
+    Raises:
+        ValueError: a non-positive size, or mean/std without 3 entries or with a zero std.
+
+    Example:
+        >>> transform = build_transforms(train=False, image_size_px=224,
+        ...                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), squash=True)
+    """
+    if int(image_size_px) < 1:
+        raise ValueError(f"image_size_px must be positive, got {image_size_px}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 channels each, got {list(mean)} and {list(std)}")
+    if any(float(value) <= 0 for value in std):
+        raise ValueError(f"std must be positive in every channel, got {list(std)}")
+    size = int(image_size_px)
+    steps: list[object]
+    if squash:
+        steps = [T.Resize((size, size))]
+    elif train:
+        steps = [T.Resize(size), T.RandomCrop(size, padding=_PADDING_PX)]
+    else:
+        steps = [T.Resize(size), T.CenterCrop(size)]
+    if train:
+        steps += [
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=_JITTER, contrast=_JITTER, saturation=_JITTER),
+            T.TrivialAugmentWide(),
+        ]
+    steps += [
+        T.ToTensor(),
+        T.Normalize([float(value) for value in mean], [float(value) for value in std]),
+    ]
+    return T.Compose(steps)
+
+
+def compute_mean_std(dataset: ImageDataset, *, max_images: int | None = None) -> MeanStd:
+    """Per-channel mean and standard deviation of a data set's images, in [0, 1] units.
+
+    Every pixel of every image counts once (images as :meth:`ImageDataset.load_image` returns
+    them, i.e. after the box crop, before any transform); the std is the population std over
+    all those pixels.
+
+    Args:
+        dataset: the data set, usually its training split.
+        max_images: use at most this many images, evenly spaced over the data set (for a quick
+            estimate on a large set); None uses all of them.
+
+    Returns:
+        ``((mean_r, mean_g, mean_b), (std_r, std_g, std_b))``.
+
+    Raises:
+        ValueError: the data set is empty or ``max_images`` is below 1.
+    """
+    n_images = len(dataset)
+    if n_images == 0:
+        raise ValueError("cannot compute mean/std of an empty data set")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be at least 1, got {max_images}")
+    if max_images is None or max_images >= n_images:
+        indices = np.arange(n_images)
+    else:
+        indices = np.unique(np.linspace(0, n_images - 1, max_images).round().astype(np.int64))
+    # Integer sums are exact, so the result does not depend on the order of the images.
+    channel_sum = np.zeros(3, dtype=np.int64)
+    channel_square_sum = np.zeros(3, dtype=np.int64)
+    n_pixels = 0
+    for index in indices:
+        pixels = np.asarray(dataset.load_image(int(index)), dtype=np.int64).reshape(
+            -1, 3
+        )  # (H*W, 3)
+        channel_sum += pixels.sum(axis=0)
+        channel_square_sum += (pixels * pixels).sum(axis=0)
+        n_pixels += pixels.shape[0]
+    mean = channel_sum / (n_pixels * 255.0)
+    variance = channel_square_sum / (n_pixels * 255.0**2) - mean**2
+    std = np.sqrt(np.maximum(variance, 0.0))
+    _logger.debug("mean/std over %d images (%d pixels): %s %s", len(indices), n_pixels, mean, std)
+    return (
+        (float(mean[0]), float(mean[1]), float(mean[2])),
+        (float(std[0]), float(std[1]), float(std[2])),
+    )

@@ -1,0 +1,192 @@
+"""The Feature Diversity Loss (Norrenbrock et al. 2022; QPM paper appendix M).
+
+It rewards the maps that the predicted class weights heavily for peaking at different places.
+Semantics follow the authors' code exactly (see ``feature_diversity_loss``); the total training
+loss is ``cross_entropy + feature_diversity_loss(...)`` (beta is applied inside).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DIVERSITY_BETA",
+    "REFERENCE_BETA",
+    "default_diversity_beta",
+    "feature_diversity_loss",
+    "scaled_beta",
+]
+
+# Guards of the reference code: the class-weight row norm gets +1e-5, the largest map mean is
+# clamped at 1e-6 (an all-zero sample then contributes 0 instead of NaN).
+_ROW_NORM_EPS = 1e-5
+_MIN_MAX_MEAN = 1e-6
+
+#: beta of the ResNets with reduced strides (28x28 maps at 224 px), paper and code.
+REFERENCE_BETA = 0.196
+
+#: Per-backbone beta. ResNets (all three: "0.196 for the Resnets", paper App. C; the reference
+#: code has no resnet18 entry), Inception-v3 and Swin are the paper's values. convnext_tiny is
+#: not in the paper: Swin's value, as both have 7x7 maps at 224 px and LayerNorm-based training.
+#: small_cnn/tiny_cnn (8x8 maps at 64 px) use ``scaled_beta(0.196, 8, 8)``, which by the
+#: scaling documented there is 0.056.
+DIVERSITY_BETA: dict[str, float] = {
+    "resnet18": REFERENCE_BETA,
+    "resnet34": REFERENCE_BETA,
+    "resnet50": REFERENCE_BETA,
+    "inception_v3": 0.049,
+    "swin_t": 0.0245,
+    "swin_s": 0.0245,
+    "convnext_tiny": 0.0245,
+    "small_cnn": 0.056,
+    "tiny_cnn": 0.056,
+}
+
+
+def feature_diversity_loss(
+    feature_maps: torch.Tensor,
+    logits: torch.Tensor,
+    class_weights: torch.Tensor,
+    *,
+    beta: float,
+) -> torch.Tensor:
+    """The weighted Feature Diversity Loss of a batch, as the reference code computes it.
+
+    For each sample b with predicted class c = argmax logits[b] (the prediction, not the
+    label):
+
+    * u[b, k] = |W[c, k]| / (||W[c]||_2 + 1e-5), the weight share of map k;
+    * s[b, k] = a[b, k] / max(max_k a[b, k], 1e-6) with a the spatial mean of map k;
+    * S[b, k, ij] = softmax_ij(M[b, k]) * s[b, k] * u[b, k] (plain spatial softmax);
+    * loss = -(beta / B) * sum_b sum_ij max_k S[b, k, ij].
+
+    Gradients reach the maps and, through u, the class weights (pass the live dense weight,
+    ``model.head.weight``); the argmax itself has none.
+
+    Args:
+        feature_maps: (B, K, h, w) maps the head reads (``model.head_feature_maps(maps)``).
+        logits: (B, n_c) logits of the same batch.
+        class_weights: (n_c, K) weights of the head, column k for map k.
+        beta: weight of the loss (``DIVERSITY_BETA[backbone]``); 0 gives exactly 0.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 maps), <= 0.
+
+    Raises:
+        ValueError: shapes that disagree.
+
+    Example:
+        >>> maps = model.forward_features(images)
+        >>> logits = model.forward_head(maps)
+        >>> loss = F.cross_entropy(logits, labels) + feature_diversity_loss(
+        ...     model.head_feature_maps(maps), logits, model.head.weight, beta=0.196)
+    """
+    if feature_maps.dim() != 4:
+        raise ValueError(
+            f"feature_maps must be (B, K, h, w), got shape {tuple(feature_maps.shape)}"
+        )
+    n_batch, n_maps, height, width = feature_maps.shape
+    if logits.dim() != 2 or logits.shape[0] != n_batch:
+        raise ValueError(f"logits must be ({n_batch}, n_classes), got {tuple(logits.shape)}")
+    if class_weights.dim() != 2 or tuple(class_weights.shape) != (logits.shape[1], n_maps):
+        raise ValueError(
+            f"class_weights must be (n_classes={logits.shape[1]}, K={n_maps}) to match the "
+            f"logits and maps, got {tuple(class_weights.shape)}"
+        )
+    # AMP may hand in half-precision maps; exp and sums need float32.
+    dtype = torch.float64 if feature_maps.dtype == torch.float64 else torch.float32
+    maps = feature_maps.to(dtype).reshape(n_batch, n_maps, height * width)  # (B, K, h*w)
+
+    predicted = logits.detach().argmax(dim=1)  # (B,)
+    rows = class_weights.to(dtype).index_select(0, predicted).abs()  # (B, K)
+    weight_share = rows / (rows.norm(dim=1, keepdim=True) + _ROW_NORM_EPS)  # (B, K)
+
+    map_means = maps.mean(dim=2)  # (B, K)
+    largest_mean = map_means.amax(dim=1, keepdim=True).clamp(min=_MIN_MAX_MEAN)  # (B, 1)
+    activation_share = map_means / largest_mean  # (B, K)
+    scale = activation_share * weight_share  # (B, K)
+
+    # softmax_ij(M) * scale = exp(M_ij - logsumexp(M) + log scale). exp is monotonic, so the
+    # winning map of each position is the argmax of that exponent (found without autograd,
+    # scale = 0 gives -inf and never wins over a positive scale), and the exponential is then
+    # taken for the B*h*w winners only: this materialises one (B, K, h*w) tensor instead of
+    # several and makes the backward pass a scatter plus the softmax term of logsumexp.
+    log_normaliser = torch.logsumexp(maps, dim=2)  # (B, K)
+    with torch.no_grad():
+        exponent = maps + (scale.log() - log_normaliser).unsqueeze(2)  # (B, K, h*w)
+        winner = exponent.argmax(dim=1)  # (B, h*w)
+        del exponent  # free it before the backward pass allocates
+    winner_maps = maps.gather(1, winner.unsqueeze(1)).squeeze(1)  # (B, h*w)
+    winner_log_softmax = winner_maps - log_normaliser.gather(1, winner)  # (B, h*w)
+    channel_max = winner_log_softmax.exp() * scale.gather(1, winner)  # (B, h*w): max_k S
+    return channel_max.sum() * (-beta / n_batch)
+
+
+def scaled_beta(
+    beta: float,
+    map_height: int,
+    map_width: int,
+    *,
+    reference_hw: tuple[int, int] = (28, 28),
+) -> float:
+    """Scale a beta tuned for one map size to another (the paper's "scaled with patches").
+
+    The paper says its beta values "are scaled with the number of patches in the feature
+    maps" without the rule. We assume beta grows with the square root of the number of
+    patches (i.e. with the map side): this reproduces the paper's Inception-v3 value, 0.049 =
+    0.196 * sqrt(7*7 / (28*28)) for 7x7 maps (Swin's 0.0245 is half of that, the largest value
+    for which the paper's Swin runs converged). The reference code itself never scales.
+
+    Args:
+        beta: the value tuned at ``reference_hw``.
+        map_height: h of the maps the loss will see.
+        map_width: w of the maps the loss will see.
+        reference_hw: the (h, w) ``beta`` was tuned for (28x28: ResNet, reduced strides, 224 px).
+
+    Returns:
+        ``beta * sqrt(map_height * map_width / (reference_hw[0] * reference_hw[1]))``.
+
+    Raises:
+        ValueError: a non-positive size or a negative beta.
+
+    Example:
+        >>> round(scaled_beta(0.196, 7, 7), 4)
+        0.049
+    """
+    sizes = (map_height, map_width, *reference_hw)
+    if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes):
+        raise ValueError(f"map sizes must be positive integers, got {sizes}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    n_patches = map_height * map_width
+    n_reference_patches = reference_hw[0] * reference_hw[1]
+    return float(beta) * math.sqrt(n_patches / n_reference_patches)
+
+
+def default_diversity_beta(
+    backbone_name: str, *, map_height: int | None = None, map_width: int | None = None
+) -> float:
+    """The beta for a backbone: its ``DIVERSITY_BETA`` entry, else 0.196 scaled to the maps.
+
+    Args:
+        backbone_name: a registry name (``timm:...`` names have no entry).
+        map_height: h of the maps, needed only for backbones without an entry.
+        map_width: w of the maps, likewise.
+
+    Returns:
+        beta.
+
+    Raises:
+        ValueError: no entry and no map size given.
+    """
+    if backbone_name in DIVERSITY_BETA:
+        return DIVERSITY_BETA[backbone_name]
+    if map_height is None or map_width is None:
+        raise ValueError(
+            f"no diversity beta known for backbone {backbone_name!r} (known: "
+            f"{', '.join(sorted(DIVERSITY_BETA))}); give the map size to scale 0.196, "
+            "or set the beta explicitly"
+        )
+    return scaled_beta(REFERENCE_BETA, map_height, map_width)

@@ -1,0 +1,28 @@
+"""Models: backbones (feature maps), heads (dense and QPM) and the QPMModel with save/load."""
+
+from __future__ import annotations
+
+from openqpm.models.backbones import (
+    Backbone,
+    backbone_names,
+    check_image_size,
+    check_n_features,
+    create_backbone,
+    register_backbone,
+)
+from openqpm.models.head import DenseHead, QPMHead
+from openqpm.models.model import QPMModel, load, read_metadata
+
+__all__ = [
+    "Backbone",
+    "DenseHead",
+    "QPMHead",
+    "QPMModel",
+    "backbone_names",
+    "check_image_size",
+    "check_n_features",
+    "create_backbone",
+    "load",
+    "read_metadata",
+    "register_backbone",
+]

@@ -1,0 +1,236 @@
+"""Classification heads: the dense head of the black-box model and the QPM head.
+
+Both take the backbone's feature maps (B, n_f, h, w) and expose the same small interface:
+
+* ``select_maps(feature_maps)`` -> (B, K, h, w): the channels the head reads, in head order;
+* ``pre_logits(feature_maps)`` -> (B, K): what the final linear map multiplies (dense: pooled
+  features after dropout; QPM: normalised features, dropout applied before normalisation);
+* ``forward(feature_maps)`` -> (B, n_c) logits;
+* ``weight``: the live (n_c, K) class-feature weight (a trainable parameter for the dense
+  head, a frozen buffer for the QPM head), which the diversity loss reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DenseHead", "QPMHead"]
+
+# The QPM normalisation divides by max(std, _MIN_STD), as the reference, so dead features
+# (std 0) give finite values.
+_MIN_STD = 1e-6
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
+
+
+def _check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+class DenseHead(nn.Module):
+    """The black-box head: global average pooling, dropout, then a linear layer with bias.
+
+    Args:
+        n_features_in: n_f, the number of backbone channels.
+        n_classes: n_c.
+        dropout: dropout probability on the pooled features (0.2 in the paper).
+
+    Raises:
+        ValueError: non-positive sizes or a dropout outside [0, 1).
+    """
+
+    def __init__(self, n_features_in: int, n_classes: int, *, dropout: float = 0.2) -> None:
+        super().__init__()
+        for field, value in (("n_features_in", n_features_in), ("n_classes", n_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DenseHead {field} must be a positive integer, got {value!r}")
+        self.n_features_in = n_features_in
+        self.n_classes = n_classes
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+        self.linear = nn.Linear(n_features_in, n_classes)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The live (n_c, n_f) weight; gradients flow through it."""
+        return self.linear.weight
+
+    def select_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """The maps the head reads: all of them, (B, n_f, h, w)."""
+        return feature_maps
+
+    def pre_logits(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """Pooled features after dropout, (B, n_f)."""
+        return self.dropout(feature_maps.mean(dim=(2, 3)))  # (B, n_f)
+
+    def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_c) from the backbone's maps (B, n_f, h, w)."""
+        return self.linear(self.pre_logits(feature_maps))
+
+
+class QPMHead(nn.Module):
+    """The QPM head: selected channels, frozen normalisation and a frozen binary assignment.
+
+    ``logits = W @ ((dropout(pool(M[selected])) - mean) / max(std, 1e-6))`` with W the binary
+    class-feature matrix and no bias. Everything is a buffer: nothing in the head trains. As in
+    the reference code, dropout acts on the raw pooled features before normalisation, so a
+    dropped feature becomes -mean/std rather than 0.
+
+    Args:
+        selected_features: (K,) distinct backbone channel indices, in head order.
+        mean: (K,) training-set mean of the pooled selected features.
+        std: (K,) training-set (population) std of the pooled selected features.
+        class_feature_matrix: (n_c, K) in {0, 1}, the same number of ones in every row, rows
+            distinct; column k belongs to ``selected_features[k]``.
+        dropout: dropout probability on the raw pooled features (0.1 in the paper).
+
+    Raises:
+        ValueError: shapes that disagree, a non-binary matrix, unequal row sums, duplicated
+            rows or selected features, negative or non-finite values.
+
+    Example:
+        >>> head = QPMHead([3, 7], [0.5, 1.0], [0.1, 0.2], [[1, 0], [0, 1]])
+        >>> head.class_features
+        [[3], [7]]
+    """
+
+    selected_features: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_feature_matrix: torch.Tensor
+
+    def __init__(
+        self,
+        selected_features: ArrayLike,
+        mean: ArrayLike,
+        std: ArrayLike,
+        class_feature_matrix: ArrayLike,
+        *,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        selected = _as_tensor(selected_features, "selected_features")
+        if selected.dim() != 1 or selected.numel() == 0:
+            raise ValueError(
+                f"QPMHead selected_features must be a non-empty 1-d list of channel indices, "
+                f"got shape {tuple(selected.shape)}"
+            )
+        if selected.is_floating_point() and not torch.equal(selected, selected.round()):
+            raise ValueError("QPMHead selected_features must be integers")
+        selected = selected.long()
+        if int(selected.min()) < 0:
+            raise ValueError(f"QPMHead selected_features must be >= 0, got {selected.tolist()}")
+        if selected.unique().numel() != selected.numel():
+            raise ValueError(f"QPMHead selected_features has duplicates: {selected.tolist()}")
+        n_selected = selected.numel()
+
+        mean_tensor = _as_tensor(mean, "mean").float()
+        std_tensor = _as_tensor(std, "std").float()
+        for field, tensor in (("mean", mean_tensor), ("std", std_tensor)):
+            if tuple(tensor.shape) != (n_selected,):
+                raise ValueError(
+                    f"QPMHead {field} must have shape ({n_selected},) like selected_features, "
+                    f"got {tuple(tensor.shape)} (index the training-set statistics with "
+                    "selected_features)"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"QPMHead {field} has non-finite values")
+        if (std_tensor < 0).any():
+            raise ValueError("QPMHead std must be >= 0")
+
+        matrix = _as_tensor(class_feature_matrix, "class_feature_matrix").float()
+        if matrix.dim() != 2 or matrix.shape[1] != n_selected or matrix.shape[0] == 0:
+            raise ValueError(
+                f"QPMHead class_feature_matrix must have shape (n_classes, {n_selected}), "
+                f"got {tuple(matrix.shape)}"
+            )
+        if not ((matrix == 0) | (matrix == 1)).all():
+            raise ValueError("QPMHead class_feature_matrix must contain only 0 and 1")
+        row_sums = matrix.sum(dim=1)
+        if not (row_sums == row_sums[0]).all() or int(row_sums[0]) == 0:
+            raise ValueError(
+                "QPMHead class_feature_matrix must have the same positive number of ones in "
+                f"every row, got row sums {sorted(set(row_sums.int().tolist()))}"
+            )
+        if torch.unique(matrix, dim=0).shape[0] != matrix.shape[0]:
+            raise ValueError(
+                "QPMHead class_feature_matrix has identical rows: two classes use the same "
+                "features and cannot be told apart"
+            )
+
+        self.register_buffer("selected_features", selected)
+        self.register_buffer("mean", mean_tensor)
+        self.register_buffer("std", std_tensor)
+        self.register_buffer("class_feature_matrix", matrix)
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+
+    @property
+    def n_classes(self) -> int:
+        """n_c."""
+        return int(self.class_feature_matrix.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """K, the number of selected features."""
+        return int(self.selected_features.numel())
+
+    @property
+    def n_per_class(self) -> int:
+        """The number of features every class uses."""
+        return int(self.class_feature_matrix[0].sum())
+
+    @property
+    def class_features(self) -> list[list[int]]:
+        """For every class, the backbone channel ids of its features, in head order."""
+        selected = self.selected_features.tolist()
+        return [
+            [selected[k] for k in torch.nonzero(row).flatten().tolist()]
+            for row in self.class_feature_matrix
+        ]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen binary (n_c, K) class-feature matrix."""
+        return self.class_feature_matrix
+
+    def select_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """The selected maps (B, K, h, w) out of the backbone's (B, n_f, h, w)."""
+        if int(self.selected_features.max()) >= feature_maps.shape[1]:
+            raise ValueError(
+                f"QPMHead selects channel {int(self.selected_features.max())} but the maps "
+                f"have only {feature_maps.shape[1]} channels"
+            )
+        return feature_maps.index_select(1, self.selected_features)  # (B, K, h, w)
+
+    def pre_logits(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """Normalised selected features (B, K); dropout acts before the normalisation."""
+        pooled = self.dropout(self.select_maps(feature_maps).mean(dim=(2, 3)))  # (B, K)
+        return (pooled - self.mean) / self.std.clamp(min=_MIN_STD)
+
+    def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_c): each class's sum of its normalised features."""
+        normalised = self.pre_logits(feature_maps)
+        return normalised @ self.class_feature_matrix.to(normalised.dtype).T  # (B, n_c)
+
+
+def _as_tensor(value: ArrayLike, field: str) -> torch.Tensor:
+    """A CPU tensor copy of a tensor, array or nested list, with a clear error otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"QPMHead {field} must be array-like: {error}") from error
+    if array.dtype == bool:
+        array = array.astype(np.int64)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"QPMHead {field} must be numeric, got dtype {array.dtype}")
+    return torch.from_numpy(np.array(array))

@@ -1,0 +1,372 @@
+"""QPMModel: a backbone and a head, with save/load to safetensors plus JSON metadata.
+
+The saved file holds every tensor of the model and, in the safetensors header, a JSON document
+under the key ``"openqpm"`` that describes the architecture, the classes and (for a QPM) the
+selection and the per-class features, so :func:`load` rebuilds the model with no code or
+weights file of the run. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from openqpm.models.backbones import Backbone, create_backbone
+from openqpm.models.head import ArrayLike, DenseHead, QPMHead
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "QPMModel", "load", "read_metadata"]
+
+FORMAT_NAME = "openqpm-model"
+# Bump when the metadata layout changes in a way older readers cannot follow.
+FORMAT_VERSION = 1
+_METADATA_KEY = "openqpm"
+
+Head = DenseHead | QPMHead
+
+
+class QPMModel(nn.Module):
+    """A backbone plus a dense or QPM head, with class names and free-form metadata.
+
+    Args:
+        backbone: produces the feature maps (B, n_f, h, w).
+        head: a :class:`DenseHead` over all n_f channels or a :class:`QPMHead`.
+        class_names: one readable name per class, n_c in all.
+        metadata: JSON-serialisable facts saved with the model. The pipeline should set
+            ``image_size_px``, ``data_mean`` and ``data_std`` (the input normalisation) and
+            ``dataset``; they are written to the top level of the saved metadata.
+
+    Raises:
+        TypeError: the head is neither a DenseHead nor a QPMHead.
+        ValueError: the head does not fit the backbone or the number of class names.
+
+    Example:
+        >>> model = QPMModel(create_backbone("tiny_cnn"), DenseHead(32, 3),
+        ...                  class_names=["a", "b", "c"])
+        >>> model(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 3])
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: Head,
+        *,
+        class_names: Sequence[str],
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(head, (DenseHead, QPMHead)):
+            raise TypeError(f"head must be a DenseHead or a QPMHead, got {type(head).__name__}")
+        names = list(class_names)
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError("class_names must be strings")
+        if len(names) != head.n_classes:
+            raise ValueError(
+                f"{len(names)} class names given for a head with {head.n_classes} classes"
+            )
+        if isinstance(head, DenseHead) and head.n_features_in != backbone.n_features:
+            raise ValueError(
+                f"DenseHead reads {head.n_features_in} features but backbone "
+                f"{backbone.name!r} has {backbone.n_features}"
+            )
+        if isinstance(head, QPMHead) and int(head.selected_features.max()) >= backbone.n_features:
+            raise ValueError(
+                f"QPMHead selects channel {int(head.selected_features.max())} but backbone "
+                f"{backbone.name!r} has only {backbone.n_features} channels"
+            )
+        self.backbone = backbone
+        self.head = head
+        self.class_names = names
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def is_qpm(self) -> bool:
+        """Whether the head is a :class:`QPMHead`."""
+        return isinstance(self.head, QPMHead)
+
+    @property
+    def n_classes(self) -> int:
+        """n_c."""
+        return self.head.n_classes
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """All backbone maps (B, n_f, h, w) of normalised images (B, 3, H, W)."""
+        return self.backbone(images)
+
+    def head_feature_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        """The maps the head reads (B, K, h, w), in head order (dense: all n_f)."""
+        return self.head.select_maps(feature_maps)
+
+    def forward_head(self, feature_maps: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, n_c) from backbone maps, or with ``pre_logits`` the head's input (B, K).
+
+        The head's input is what the class weights multiply: pooled features for a dense head,
+        normalised selected features for a QPM head (after dropout in training mode).
+        """
+        if pre_logits:
+            return self.head.pre_logits(feature_maps)
+        return self.head(feature_maps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_c) of normalised images (B, 3, H, W)."""
+        return self.head(self.backbone(images))
+
+    def class_weights(self) -> torch.Tensor:
+        """The (n_c, K) class-feature weights, detached (use ``head.weight`` for the live one)."""
+        return self.head.weight.detach()
+
+    def to_qpm(
+        self,
+        selected_features: ArrayLike,
+        mean: ArrayLike,
+        std: ArrayLike,
+        class_feature_matrix: ArrayLike,
+        *,
+        dropout: float = 0.1,
+    ) -> QPMModel:
+        """A QPM built on this model's backbone (the same object, not a copy).
+
+        Args:
+            selected_features: (K,) backbone channel ids, e.g. ``Assignment.selected_features``.
+            mean: (K,) training mean of the selected pooled features.
+            std: (K,) training population std of the selected pooled features.
+            class_feature_matrix: (n_c, K) binary, e.g. ``Assignment.class_feature_matrix()``.
+            dropout: dropout on the raw pooled features during fine-tuning.
+
+        Returns:
+            A new :class:`QPMModel` with the same class names and a copy of the metadata; its
+            head sits on the backbone's device.
+
+        Raises:
+            ValueError: as :class:`QPMHead`, or a class count that differs from this model's.
+        """
+        head = QPMHead(selected_features, mean, std, class_feature_matrix, dropout=dropout)
+        if head.n_classes != self.n_classes:
+            raise ValueError(
+                f"class_feature_matrix has {head.n_classes} rows but the model has "
+                f"{self.n_classes} classes"
+            )
+        head.to(_module_device(self.backbone))
+        return QPMModel(
+            self.backbone, head, class_names=self.class_names, metadata=dict(self.metadata)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-serialisable description :meth:`save` writes (without extra metadata)."""
+        head: dict[str, Any]
+        if isinstance(self.head, QPMHead):
+            head = {
+                "type": "qpm",
+                "n_features": self.head.n_features,
+                "n_per_class": self.head.n_per_class,
+                "dropout": self.head.dropout.p,
+                "selected_features": self.head.selected_features.tolist(),
+                "class_features": self.head.class_features,
+            }
+        else:
+            head = {
+                "type": "dense",
+                "n_features_in": self.head.n_features_in,
+                "dropout": self.head.dropout.p,
+            }
+        description: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "openqpm_version": _openqpm_version(),
+            "architecture": {
+                "name": self.backbone.name,
+                "reduced_strides": self.backbone.reduced_strides,
+                "n_features": self.backbone.n_features,
+                "options": self.backbone.options(),
+            },
+            "n_classes": self.n_classes,
+            "class_names": list(self.class_names),
+            "head": head,
+            "image_size_px": self.metadata.get(
+                "image_size_px", self.backbone.default_image_size_px
+            ),
+            "data_mean": self.metadata.get("data_mean"),
+            "data_std": self.metadata.get("data_std"),
+        }
+        return description
+
+    def save(self, path: str | Path, *, extra_metadata: dict[str, Any] | None = None) -> Path:
+        """Write the model to a ``.safetensors`` file, atomically.
+
+        Args:
+            path: the file to write; its folder must exist.
+            extra_metadata: JSON-serialisable facts added to ``metadata`` in the file only
+                (e.g. the run's config hash or accuracy).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: metadata that is not JSON-serialisable (the message names the key).
+            FileNotFoundError: the folder does not exist.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save model to '{path}': folder does not exist")
+        user_metadata = {**self.metadata, **(extra_metadata or {})}
+        for key, value in user_metadata.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"model metadata {key!r} is not JSON-serialisable ({error}); "
+                    "convert it to plain numbers, strings, lists or dicts"
+                ) from error
+        description = self.describe()
+        description["metadata"] = user_metadata
+        tensors = {
+            key: value.detach().to("cpu").contiguous().clone()
+            for key, value in self.state_dict().items()
+        }
+        header = {_METADATA_KEY: json.dumps(description, allow_nan=False)}
+        file_descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        os.close(file_descriptor)
+        try:
+            save_file(tensors, temporary, metadata=header)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _logger.info(
+            "saved %s model with %d tensors to %s", description["head"]["type"], len(tensors), path
+        )
+        return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a saved openqpm model, without loading its tensors.
+
+    Args:
+        path: a file written by :meth:`QPMModel.save`.
+
+    Returns:
+        The metadata dict (``format``, ``architecture``, ``class_names``, ``head``, ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, not written by openqpm, or a newer format.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"'{path}' is not a safetensors file: {error}") from error
+    if _METADATA_KEY not in header:
+        raise ValueError(
+            f"'{path}' is a safetensors file but not an openqpm model (no '{_METADATA_KEY}' "
+            "metadata); it may be a plain backbone checkpoint: pass it as weights_path instead"
+        )
+    try:
+        description = json.loads(header[_METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"'{path}' has corrupt openqpm metadata: {error}") from error
+    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
+        raise ValueError(f"'{path}' metadata is not in the {FORMAT_NAME!r} format")
+    version = description.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"'{path}' uses model format version {version!r}; this openqpm reads up to "
+            f"{FORMAT_VERSION}: upgrade openqpm"
+        )
+    return description
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> QPMModel:
+    """Load a model saved with :meth:`QPMModel.save`, ready for inference (eval mode).
+
+    The backbone is rebuilt from the metadata (no weights file needed) and every tensor is
+    loaded strictly.
+
+    Args:
+        path: the ``.safetensors`` file.
+        map_location: the device to put the model on.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an openqpm model, or tensors that do not match the metadata.
+
+    Example:
+        >>> model = openqpm.load("runs/x/qpm.safetensors")
+        >>> logits = model(images)
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    description = read_metadata(path)
+    try:
+        architecture = description["architecture"]
+        head_description = description["head"]
+        class_names = description["class_names"]
+        backbone = create_backbone(
+            architecture["name"], reduced_strides=bool(architecture["reduced_strides"])
+        )
+        backbone.set_options(**architecture.get("options", {}))
+        tensors = load_file(str(path), device="cpu")
+        head: Head
+        if head_description["type"] == "qpm":
+            head = QPMHead(
+                tensors["head.selected_features"],
+                tensors["head.mean"],
+                tensors["head.std"],
+                tensors["head.class_feature_matrix"],
+                dropout=float(head_description["dropout"]),
+            )
+        elif head_description["type"] == "dense":
+            head = DenseHead(
+                int(head_description["n_features_in"]),
+                int(description["n_classes"]),
+                dropout=float(head_description["dropout"]),
+            )
+        else:
+            raise ValueError(f"unknown head type {head_description['type']!r}")
+    except KeyError as error:
+        raise ValueError(f"'{path}' lacks the model entry {error}") from error
+    model = QPMModel(
+        backbone, head, class_names=class_names, metadata=description.get("metadata") or {}
+    )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"'{path}' tensors do not match its metadata: {error}") from error
+    return model.to(map_location).eval()
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def _openqpm_version() -> str:
+    import openqpm
+
+    return str(openqpm.__version__)

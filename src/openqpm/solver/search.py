@@ -1,0 +1,781 @@
+"""Structured search: a fast anytime heuristic for the QPM selection-and-assignment problem.
+
+Two observations make the problem a search over selections only:
+
+1. For a fixed selection S the objective's redundancy and bias terms are fixed, and the best
+   assignment gives every class its ``n_per_class`` highest-A features inside S, except that
+   classes may collide on the same set. Making them distinct is an assignment problem (classes to
+   distinct subsets of S); :func:`assign_classes` solves it *exactly*: each class's subsets are
+   enumerated best-first, a Hungarian algorithm matches classes to subsets, and its dual values
+   certify that no subset outside the enumerated lists could do better (otherwise the lists of the
+   classes concerned grow and the matching is solved again).
+2. Swapping one selected feature out and one candidate in changes each class's top set in a way
+   that depends only on the class's k-th and (k+1)-th best values inside S, so the *relaxed* change
+   (duplicates ignored) of every one of the ``n_features x n_f`` swaps is one matrix product.
+   The relaxed value is an upper bound on the exact one, so a swap whose relaxed value does not beat
+   the current exact value can be skipped without evaluating it.
+
+The search: a greedy start (or a given start), best-improvement swap descent with exact evaluation
+of the promising swaps, then iterated perturbation (random kicks followed by descent) until the time
+or iteration limit. Everything random comes from one seeded generator, so for a fixed
+``max_iterations`` the result does not depend on the wall clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from openqpm.solver.problem import (
+    Assignment,
+    AssignmentProblem,
+    ProgressCallback,
+    SolverProgress,
+)
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["assign_classes", "solve_search"]
+
+# a swap must improve the objective by more than this (relative to max(1, |objective|)) to count
+_IMPROVEMENT_RTOL = 1e-9
+# at most this many swaps are evaluated exactly per descent step when duplicates make the relaxed
+# ranking imprecise; a heuristic cap that keeps one step cheap at ImageNet scale
+_MAX_EXACT_EVALUATIONS_PER_STEP = 24
+# perturbation: each kick swaps 1..max(2, n_features // _KICK_DIVISOR) features, each swap drawn
+# among the _KICK_CHOICES best relaxed swaps; a restart follows _RESTART_AFTER rounds without a
+# new best
+_KICK_DIVISOR = 8
+_KICK_CHOICES = 10
+_RESTART_AFTER = 30
+# bound on the memo of evaluated selections (a few hundred bytes each)
+_MAX_REMEMBERED_SELECTIONS = 200_000
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Limit BLAS to one thread while searching, restoring the previous setting afterwards.
+
+    The search's matrix products are small (50 x 200 x 2048 at CUB scale); with several BLAS
+    threads on a busy machine they were measured 15x slower (37 ms instead of 2.4 ms) than on one.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an optional speed-up (installed with scikit-learn)
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# exact assignment for a fixed selection
+
+
+class _SubsetEnumerator:
+    """The ``k``-subsets of one class's selected features in non-increasing order of their A sum.
+
+    Best-first enumeration over position tuples into the values sorted in descending order: the
+    successors of a tuple move one position one step down. Every subset other than the best has a
+    predecessor (move its first movable position one step up) whose sum is at least as large, so a
+    max-heap pops the subsets in non-increasing order.
+    """
+
+    def __init__(self, values: np.ndarray, feature_ids: np.ndarray, k: int) -> None:
+        order = np.argsort(-values, kind="stable")
+        self._sorted_values = values[order]
+        self._sorted_ids = feature_ids[order]
+        self._k = k
+        first = tuple(range(k))
+        self._heap: list[tuple[float, tuple[int, ...]]] = [(-self._sum(first), first)]
+        self._seen = {first}
+        self.subsets: list[tuple[int, ...]] = []
+        self.values: list[float] = []
+
+    def _sum(self, positions: tuple[int, ...]) -> float:
+        return float(self._sorted_values[list(positions)].sum())
+
+    @property
+    def exhausted(self) -> bool:
+        """True when every subset has been produced."""
+        return not self._heap
+
+    def extend_to(self, count: int) -> None:
+        """Produce subsets until ``count`` exist or none is left."""
+        n_values = len(self._sorted_values)
+        while len(self.subsets) < count and self._heap:
+            negative_value, positions = heapq.heappop(self._heap)
+            self.subsets.append(tuple(sorted(int(d) for d in self._sorted_ids[list(positions)])))
+            self.values.append(-negative_value)
+            for t in range(self._k):
+                moved = positions[t] + 1
+                limit = positions[t + 1] if t + 1 < self._k else n_values
+                if moved < limit:
+                    successor = positions[:t] + (moved,) + positions[t + 1 :]
+                    if successor not in self._seen:
+                        self._seen.add(successor)
+                        heapq.heappush(self._heap, (-self._sum(successor), successor))
+
+
+def _hungarian_max(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximum-weight assignment of every row to a distinct column, with optimal duals.
+
+    Shortest augmenting paths with potentials (the Kuhn-Munkres algorithm in its O(n^2 m) form),
+    on costs = -weights; the inner loop is vectorised over the columns.
+
+    Args:
+        weights: (n_rows, n_columns) finite, n_rows <= n_columns.
+
+    Returns:
+        ``(column_of_row, row_duals, column_duals)`` where ``row_duals[i] + column_duals[j] >=
+        weights[i, j]`` for all i, j, ``column_duals >= 0``, equality on the matched pairs, so
+        ``row_duals.sum() + column_duals.sum()`` equals the optimum (LP duality).
+    """
+    n_rows, n_columns = weights.shape
+    cost = -weights
+    # index 0 is the algorithm's virtual column/row; real ones are 1-based
+    row_potential = np.zeros(n_rows + 1)
+    column_potential = np.zeros(n_columns + 1)
+    row_of_column = np.zeros(n_columns + 1, dtype=np.int64)
+    previous_column = np.zeros(n_columns + 1, dtype=np.int64)
+    for row in range(1, n_rows + 1):
+        row_of_column[0] = row
+        column = 0
+        min_slack = np.full(n_columns + 1, np.inf)
+        used = np.zeros(n_columns + 1, dtype=bool)
+        while True:
+            used[column] = True
+            current_row = row_of_column[column]
+            slack = cost[current_row - 1] - row_potential[current_row] - column_potential[1:]
+            free = ~used[1:]
+            better = free & (slack < min_slack[1:])
+            min_slack[1:][better] = slack[better]
+            previous_column[1:][better] = column
+            candidates = np.where(free, min_slack[1:], np.inf)
+            next_column = int(np.argmin(candidates)) + 1
+            delta = candidates[next_column - 1]
+            row_potential[row_of_column[used]] += delta
+            column_potential[used] -= delta
+            min_slack[1:][free] -= delta
+            column = next_column
+            if row_of_column[column] == 0:
+                break
+        while column:
+            previous = previous_column[column]
+            row_of_column[column] = row_of_column[previous]
+            column = previous
+    column_of_row = np.empty(n_rows, dtype=np.int64)
+    matched = np.flatnonzero(row_of_column[1:])
+    column_of_row[row_of_column[1:][matched] - 1] = matched
+    # back to the maximisation view: u_i + v_j >= w_ij with v >= 0
+    return column_of_row, -row_potential[1:], -column_potential[1:]
+
+
+def _check_duals(
+    weights: np.ndarray,
+    column_of_row: np.ndarray,
+    row_duals: np.ndarray,
+    column_duals: np.ndarray,
+    tolerance: float,
+) -> None:
+    """Verify the matching's optimality certificate (dual feasibility and zero duality gap)."""
+    matched_value = float(weights[np.arange(len(column_of_row)), column_of_row].sum())
+    dual_value = float(row_duals.sum() + column_duals.sum())
+    violation = float((weights - row_duals[:, None] - column_duals[None, :]).max())
+    distinct = len(set(column_of_row.tolist())) == len(column_of_row)
+    if (
+        not distinct
+        or violation > tolerance
+        or float(column_duals.min()) < -tolerance
+        or abs(matched_value - dual_value) > tolerance * max(1, len(column_of_row))
+    ):
+        raise RuntimeError(
+            "internal error: the class-to-subset matching failed its optimality check "
+            f"(violation {violation:.3g}, duality gap {matched_value - dual_value:.3g})"
+        )
+
+
+def _linked_classes(candidate_lists: list[list[tuple[int, ...]]]) -> list[list[int]]:
+    """Groups of classes linked by sharing a candidate subset (union-find), in index order."""
+    parent = list(range(len(candidate_lists)))
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    owner: dict[tuple[int, ...], int] = {}
+    for class_index, subsets in enumerate(candidate_lists):
+        for subset in subsets:
+            if subset in owner:
+                parent[root(class_index)] = root(owner[subset])
+            else:
+                owner[subset] = class_index
+    groups: dict[int, list[int]] = {}
+    for class_index in range(len(candidate_lists)):
+        groups.setdefault(root(class_index), []).append(class_index)
+    return list(groups.values())
+
+
+def _distinct_subsets(
+    values: np.ndarray, selected: np.ndarray, k: int
+) -> tuple[list[tuple[int, ...]], float, int]:
+    """The optimal distinct ``k``-subsets of ``selected`` for all classes.
+
+    Every class starts on its best subset. A class in a collision gets a candidate list and a
+    threshold: an upper bound on the value of every subset *not* in its list. Classes whose lists
+    share a subset form a component, matched by :func:`_hungarian_max` over the union of their
+    lists. With duals (u, v), v >= 0, a class's unlisted subsets cannot improve the matching when
+    ``u_c >= threshold_c``; if that holds for every member the matching is optimal over *all*
+    subsets (LP duality; the assignment LP is integral). A class failing it gets a longer list.
+
+    Lists start cheap: the best subset plus its best single swaps (one member out, one
+    non-member in), with threshold max(next single swap, best double swap) since every further
+    swap only lowers the value. Growing switches to exact best-first enumeration.
+
+    Args:
+        values: (n_c, K) the A values of the selected features, column j = ``selected[j]``.
+        selected: (K,) feature ids.
+        k: Features per class.
+
+    Returns:
+        ``(subsets, loss, n_moved)``: one sorted feature-id tuple per class, the total A value lost
+        against every class taking its own best subset, and how many classes did not get theirs.
+    """
+    n_classes, n_selected = values.shape
+    order = np.argsort(-values, axis=1, kind="stable")  # (n_c, K) best first
+    top_ids = np.sort(selected[order[:, :k]], axis=1)  # (n_c, k) each class's best subset
+    _, first_of, inverse = np.unique(top_ids, axis=0, return_index=True, return_inverse=True)
+    top_sets = [tuple(int(d) for d in row) for row in top_ids]
+    if len(first_of) == n_classes:
+        return top_sets, 0.0, 0
+
+    sorted_values = np.take_along_axis(values, order, axis=1)  # (n_c, K) descending
+    top_values = sorted_values[:, :k].sum(axis=1)  # (n_c,)
+    column_of_selected = {int(d): j for j, d in enumerate(selected)}
+    tolerance = 1e-9 * (1.0 + k * float(np.abs(values).max()))
+    lists: dict[int, list[tuple[int, ...]]] = {}
+    thresholds: dict[int, float] = {}
+    enumerators: dict[int, _SubsetEnumerator] = {}
+
+    def subset_value(class_index: int, subset: tuple[int, ...]) -> float:
+        return float(values[class_index, [column_of_selected[d] for d in subset]].sum())
+
+    def candidates(class_index: int) -> list[tuple[int, ...]]:
+        return lists.get(class_index) or [top_sets[class_index]]
+
+    def start_lists(class_indices: list[int], n_singles: int) -> None:
+        """For each class: its best subset and its ``n_singles`` best single swaps."""
+        rows = np.asarray(class_indices)
+        members = sorted_values[rows, :k]  # (n, k)
+        others = sorted_values[rows, k:]  # (n, K-k)
+        change = others[:, None, :] - members[:, :, None]  # (n, k, K-k) member i out, other j in
+        flat = change.reshape(len(rows), -1)  # (n, k*(K-k))
+        n_take = min(n_singles, flat.shape[1])
+        if n_take < flat.shape[1]:
+            best = np.argpartition(-flat, n_take, axis=1)[:, : n_take + 1]  # (n, n_take+1)
+            best_change = np.take_along_axis(flat, best, axis=1)
+            best = np.take_along_axis(best, np.argsort(-best_change, axis=1, kind="stable"), 1)
+        else:
+            best = np.argsort(-flat, axis=1, kind="stable")
+        # the best subset outside a list is a single swap not taken, or at best a double swap
+        if n_take < flat.shape[1]:
+            excluded = flat[np.arange(len(rows)), best[:, n_take]]
+        else:
+            excluded = np.full(len(rows), -np.inf)
+        if k >= 2 and n_selected - k >= 2:
+            excluded = np.maximum(excluded, change[:, k - 1, 0] + change[:, k - 2, 1])
+        ranked_ids = selected[order[rows]].tolist()  # (n, K) ids best first
+        for row, class_index in enumerate(class_indices):
+            ids = ranked_ids[row]
+            subsets = [top_sets[class_index]]
+            for flat_index in best[row, :n_take].tolist():
+                out, inn = divmod(flat_index, n_selected - k)
+                swapped = ids[:out] + ids[out + 1 : k] + [ids[k + inn]]
+                subsets.append(tuple(sorted(swapped)))
+            lists[class_index] = subsets
+            thresholds[class_index] = float(top_values[class_index] + excluded[row])
+
+    def grow(class_index: int) -> None:
+        """Double the list with exact best-first enumeration."""
+        enumerator = enumerators.get(class_index)
+        if enumerator is None:
+            enumerator = _SubsetEnumerator(values[class_index], selected, k)
+            enumerators[class_index] = enumerator
+        length = 2 * len(lists[class_index])
+        enumerator.extend_to(length + 1)
+        lists[class_index] = enumerator.subsets[:length]
+        # the next subset in line bounds every unlisted one
+        thresholds[class_index] = (
+            enumerator.values[length] if len(enumerator.values) > length else -np.inf
+        )
+
+    inverse = inverse.ravel()
+    group_size = np.bincount(inverse, minlength=len(first_of))
+    # g classes on one best subset: at least g - 1 of them must move
+    colliding = np.flatnonzero(group_size[inverse] > 1)
+    for size in np.unique(group_size[inverse[colliding]]).tolist():
+        same_size = colliding[group_size[inverse[colliding]] == size].tolist()
+        start_lists(same_size, max(4, 2 * size))
+
+    chosen: dict[int, tuple[int, ...]] = {}
+    # components already matched and certified, keyed by their members and lists
+    solved: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, ...]]] = {}
+    changed = True
+    while changed:
+        changed = False
+        chosen.clear()
+        for members in _linked_classes([candidates(c) for c in range(n_classes)]):
+            if len(members) == 1:
+                chosen[members[0]] = candidates(members[0])[0]
+                continue
+            newcomers = [c for c in members if c not in lists]
+            if newcomers:
+                # a class whose best subset another class wants joins the matching
+                start_lists(newcomers, 2)
+                changed = True
+                continue
+            key = (tuple(members), tuple(len(lists[c]) for c in members))
+            if key in solved:
+                chosen.update(zip(members, solved[key]))
+                continue
+            columns = list(dict.fromkeys(s for c in members for s in lists[c]))
+            if len(columns) < len(members):
+                for class_index in members:
+                    if thresholds[class_index] > -np.inf:
+                        grow(class_index)
+                changed = True
+                continue
+            positions = np.array([[column_of_selected[d] for d in s] for s in columns])
+            # (members, columns): each member's A sum over each candidate subset
+            weights = values[np.asarray(members)][:, positions].sum(axis=2)
+            column_of_row, row_duals, column_duals = _hungarian_max(weights)
+            _check_duals(weights, column_of_row, row_duals, column_duals, tolerance)
+            failing = [
+                class_index
+                for row, class_index in enumerate(members)
+                if row_duals[row] < thresholds[class_index] - tolerance
+            ]
+            if failing:
+                for class_index in failing:
+                    grow(class_index)
+                changed = True
+                continue
+            solved[key] = [columns[int(column)] for column in column_of_row]
+            chosen.update(zip(members, solved[key]))
+
+    subsets = [chosen[class_index] for class_index in range(n_classes)]
+    loss = 0.0
+    n_moved = 0
+    for class_index, subset in enumerate(subsets):
+        if subset != top_sets[class_index]:
+            n_moved += 1
+            loss += float(top_values[class_index]) - subset_value(class_index, subset)
+    return subsets, loss, n_moved
+
+
+def assign_classes(
+    problem: AssignmentProblem, selected_features: Sequence[int] | np.ndarray
+) -> tuple[list[list[int]], float]:
+    """The optimal assignment of classes to features for a fixed selection.
+
+    Every class gets ``n_per_class`` selected features, no two classes the same set, and the sum
+    of A over all assignments is maximal (proven by the matching's dual values, see the module
+    docstring).
+
+    Args:
+        problem: The problem.
+        selected_features: ``n_features`` distinct feature ids.
+
+    Returns:
+        ``(class_features, objective)``: one ascending id list per class, and the objective Z of
+        this selection with this assignment.
+
+    Raises:
+        ValueError: If the selection has the wrong size, repeats an id or leaves the range.
+
+    Example:
+        >>> import numpy as np
+        >>> from openqpm.solver.problem import AssignmentProblem
+        >>> A = np.array([[1.0, 0.9, 0.0], [1.0, 0.8, 0.0]])  # both classes prefer feature 0
+        >>> problem = AssignmentProblem(A, np.zeros((3, 3)), np.zeros(3), 2, 1)
+        >>> assign_classes(problem, [0, 1])  # class 0 moves: it loses 0.1, class 1 would lose 0.2
+        ([[1], [0]], 950.0)
+    """
+    selected = _checked_selection(problem, selected_features)
+    values = problem.A[:, selected]  # (n_c, n_features)
+    subsets, _, _ = _distinct_subsets(values, selected, problem.n_per_class)
+    class_features = [list(subset) for subset in subsets]
+    return class_features, problem.objective(selected.tolist(), class_features)
+
+
+def _checked_selection(
+    problem: AssignmentProblem, selected_features: Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """The selection as a sorted int64 array, after checking size, range and distinctness."""
+    selected = np.asarray(selected_features)
+    if selected.ndim != 1 or not (np.issubdtype(selected.dtype, np.integer) or selected.size == 0):
+        raise ValueError(f"a selection must be a 1-D list of integer feature ids, got {selected!r}")
+    selected = np.sort(selected.astype(np.int64))
+    if selected.size != problem.n_features:
+        raise ValueError(
+            f"a selection must have n_features={problem.n_features} ids, got {selected.size}"
+        )
+    if selected[0] < 0 or selected[-1] >= problem.n_all_features:
+        raise ValueError(
+            f"selected feature ids must lie in [0, {problem.n_all_features}), got "
+            f"{int(selected[0])}..{int(selected[-1])}"
+        )
+    repeated = selected[1:][selected[1:] == selected[:-1]]
+    if repeated.size:
+        raise ValueError(f"feature {int(repeated[0])} is selected twice")
+    return selected
+
+
+# ----------------------------------------------------------------------------------------------
+# search over selections
+
+
+@dataclass
+class _Evaluation:
+    """A selection with its optimal distinct assignment."""
+
+    selected: np.ndarray  # (n_features,) ascending ids
+    subsets: list[tuple[int, ...]]  # one per class
+    objective: float  # exact Z of this selection with its optimal assignment
+    relaxed: float  # Z with every class on its own best subset (duplicates allowed), >= objective
+    n_moved: int  # classes that could not keep their own best subset
+
+
+class _Searcher:
+    """The state shared by the search steps: constants, generator, clock, counters."""
+
+    def __init__(
+        self,
+        problem: AssignmentProblem,
+        *,
+        rng: np.random.Generator,
+        deadline: float,
+    ) -> None:
+        self.A = problem.A
+        self.R = problem.R
+        self.b = problem.b
+        self.scale = problem.class_scale
+        self.k = problem.n_per_class
+        self.n_selected = problem.n_features
+        self.n_all = problem.n_all_features
+        self.n_classes = problem.n_classes
+        self.rng = rng
+        self.deadline = deadline
+        self.n_evaluations = 0
+        self.n_swaps = 0
+        # exact objective of every selection evaluated (keyed by its sorted ids): revisits in
+        # later descents are answered without re-solving the assignment
+        self.known_objective: dict[bytes, float] = {}
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def tolerance(self, objective: float) -> float:
+        return _IMPROVEMENT_RTOL * max(1.0, abs(objective))
+
+    def evaluate(self, selected: np.ndarray) -> _Evaluation:
+        """Exact objective of a selection (optimal distinct assignment)."""
+        self.n_evaluations += 1
+        selected = np.sort(selected)
+        values = self.A[:, selected]  # (n_c, n_features)
+        subsets, loss, n_moved = _distinct_subsets(values, selected, self.k)
+        top_sum = float(-np.partition(-values, self.k - 1, axis=1)[:, : self.k].sum())
+        redundancy = 0.5 * float(self.R[np.ix_(selected, selected)].sum())
+        relaxed = self.scale * top_sum + float(self.b[selected].sum()) - redundancy
+        objective = relaxed - self.scale * loss
+        if len(self.known_objective) < _MAX_REMEMBERED_SELECTIONS:
+            self.known_objective[selected.tobytes()] = objective
+        return _Evaluation(selected, subsets, objective, relaxed, n_moved)
+
+    def relaxed_descent(self, selected: np.ndarray) -> np.ndarray:
+        """Best-improvement swaps on the relaxed objective (duplicates ignored): cheap, no
+        assignment is solved; a good selection for the exact descent to polish."""
+        selected = np.sort(selected)
+        while not self.out_of_time():
+            gains = self.swap_gains(selected)  # (K, n_f)
+            position, feature = np.unravel_index(int(np.argmax(gains)), gains.shape)
+            if gains[position, feature] <= _IMPROVEMENT_RTOL:
+                break
+            selected[position] = feature
+            selected = np.sort(selected)
+        return selected
+
+    def swap_gains(self, selected: np.ndarray) -> np.ndarray:
+        """Relaxed objective change of every swap (remove ``selected[i]``, add feature j).
+
+        With t_c and t'_c the k-th and (k+1)-th best values of class c inside the selection,
+        removing r and adding a changes the class's top-k sum by ``max(t'_c, A[c,a]) - A[c,r]``
+        when r is in its top k, else by ``max(0, A[c,a] - t_c)``; summed over classes this is a
+        vector over a plus, for each r, a sum over the k-sets containing r (one matrix product).
+
+        Returns:
+            (n_features, n_f) gains; columns of selected features are -inf.
+        """
+        A = self.A
+        values = A[:, selected]  # (n_c, K)
+        order = np.argsort(-values, axis=1, kind="stable")  # (n_c, K) best first
+        class_index = np.arange(self.n_classes)
+        kth = values[class_index, order[:, self.k - 1]]  # (n_c,)
+        if self.n_selected > self.k:
+            next_best = values[class_index, order[:, self.k]]  # (n_c,)
+        else:
+            next_best = np.full(self.n_classes, -np.inf)
+        excess = np.maximum(A - kth[:, None], 0.0)  # (n_c, n_f) gain of adding a, r not in top
+        gain_if_not_in_top = excess.sum(axis=0)  # (n_f,)
+        # (n_c, n_f): max(t', A) - max(0, A - t), what replaces a removed top-k member minus the
+        # gain counted above, equals A clipped to [t', t]
+        correction = np.clip(A, next_best[:, None], kth[:, None])
+        in_top = np.zeros((self.n_selected, self.n_classes))  # (K, n_c): r in class c's top k
+        in_top[order[:, : self.k].T, class_index[None, :]] = 1.0
+        removed_value = (in_top * values.T).sum(axis=1)  # (K,)
+        delta_A = gain_if_not_in_top[None, :] + in_top @ correction - removed_value[:, None]
+        redundancy_with = self.R[:, selected].sum(axis=1)  # (n_f,) sum of R with the selection
+        gains = (
+            self.scale * delta_A
+            + self.b[None, :]
+            - self.b[selected][:, None]
+            + redundancy_with[selected][:, None]
+            - redundancy_with[None, :]
+            + self.R[selected, :]
+        )
+        gains[:, selected] = -np.inf
+        return gains
+
+    def greedy(self, *, n_choices: int) -> np.ndarray:
+        """Build a selection feature by feature, each time adding one of the ``n_choices`` best.
+
+        The gain of a feature is its relaxed marginal value: for each class the amount by which it
+        beats the class's current k-th best (0 while the class has fewer than k, so that early
+        picks are judged by their positive correlations), plus its bias, minus its redundancy with
+        the features already chosen.
+        """
+        chosen: list[int] = []
+        available = np.ones(self.n_all, dtype=bool)
+        redundancy_with = np.zeros(self.n_all)
+        for _ in range(self.n_selected):
+            if len(chosen) < self.k:
+                kth = np.zeros(self.n_classes)
+            else:
+                values = self.A[:, chosen]  # (n_c, len(chosen))
+                kth = -np.partition(-values, self.k - 1, axis=1)[:, self.k - 1]
+            gains = np.maximum(self.A - kth[:, None], 0.0).sum(axis=0) * self.scale
+            gains += self.b - redundancy_with
+            gains[~available] = -np.inf
+            n_open = int(available.sum())
+            best = np.argsort(-gains, kind="stable")[: min(n_choices, n_open)]
+            feature = int(best[self.rng.integers(len(best))]) if n_choices > 1 else int(best[0])
+            chosen.append(feature)
+            available[feature] = False
+            redundancy_with += self.R[:, feature]
+        return np.sort(np.asarray(chosen, dtype=np.int64))
+
+    def descend(self, current: _Evaluation) -> _Evaluation:
+        """Best-improvement swap descent on the exact objective.
+
+        Swaps are tried in order of relaxed gain. Since the relaxed value bounds the exact one, a
+        swap is skipped for good once ``relaxed(current) + gain`` cannot beat the current exact
+        objective; at most ``_MAX_EXACT_EVALUATIONS_PER_STEP`` swaps are evaluated per step.
+        """
+        while not self.out_of_time():
+            gains = self.swap_gains(current.selected)  # (K, n_f)
+            tolerance = self.tolerance(current.objective)
+            # a swap can only help when its relaxed value beats the current exact value
+            needed = current.objective - current.relaxed + tolerance
+            flat = gains.ravel()
+            n_promising = int(np.count_nonzero(flat > needed))
+            if n_promising == 0:
+                return current
+            n_try = min(n_promising, _MAX_EXACT_EVALUATIONS_PER_STEP)
+            best = np.argpartition(-flat, n_try - 1)[:n_try]
+            best = best[np.lexsort((best, -flat[best]))]  # by gain, ties by index
+            improved = False
+            for flat_index in best:
+                position, feature = divmod(int(flat_index), self.n_all)
+                selected = current.selected.copy()
+                selected[position] = feature
+                selected.sort()
+                known = self.known_objective.get(selected.tobytes())
+                if known is not None and known <= current.objective + tolerance:
+                    continue
+                candidate = self.evaluate(selected)
+                if candidate.objective > current.objective + tolerance:
+                    current = candidate
+                    self.n_swaps += 1
+                    improved = True
+                    break
+            if not improved:
+                return current
+        return current
+
+    def kick(self, current: _Evaluation, *, n_swaps: int, n_choices: int) -> np.ndarray:
+        """A perturbed selection: ``n_swaps`` random swaps, each among the best relaxed ones."""
+        selected = current.selected.copy()
+        for _ in range(n_swaps):
+            gains = self.swap_gains(selected).ravel()  # (K * n_f,)
+            n_open = int(np.count_nonzero(np.isfinite(gains)))
+            n_pick = min(n_choices, n_open)
+            best = np.argpartition(-gains, n_pick - 1)[:n_pick]
+            best = best[np.lexsort((best, -gains[best]))]
+            position, feature = divmod(int(best[self.rng.integers(n_pick)]), self.n_all)
+            selected[position] = feature
+            selected = np.sort(selected)
+        return selected
+
+
+def solve_search(
+    problem: AssignmentProblem,
+    *,
+    time_limit_s: float,
+    seed: int = 0,
+    start: Assignment | Sequence[int] | np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+    max_iterations: int | None = None,
+) -> Assignment:
+    """Find a very good solution fast, by structured local search over selections.
+
+    Greedy start (or ``start``), swap descent on the exact objective, then rounds of perturbation
+    and descent (iterated local search) with restarts from randomised greedy selections. For every
+    selection visited the assignment is the optimal distinct one (:func:`assign_classes`). No
+    upper bound is proven: ``bound`` and ``gap`` are None.
+
+    Args:
+        problem: The problem.
+        time_limit_s: Wall-clock budget; the search stops at the first check after it.
+        seed: Seed of the generator behind every random choice.
+        start: A solution or a selection to start from (e.g. the eps clique of
+            ``openqpm.constants``); the result is at least as good as it.
+        progress: Called with a :class:`SolverProgress` at every new best solution.
+        max_iterations: Stop after this many perturbation rounds; with it, the result depends only
+            on ``seed`` (provided the time limit is not reached first).
+
+    Returns:
+        The best solution found, ``method="search"``.
+
+    Raises:
+        ValueError: If ``time_limit_s`` is not positive, ``max_iterations`` is negative, or
+            ``start`` is not a valid selection.
+
+    Example:
+        >>> import numpy as np
+        >>> from openqpm.solver.problem import AssignmentProblem
+        >>> rng = np.random.default_rng(0)
+        >>> problem = AssignmentProblem(rng.random((6, 12)), np.zeros((12, 12)), np.zeros(12), 4, 2)
+        >>> solve_search(problem, time_limit_s=5, max_iterations=10).method
+        'search'
+    """
+    with _single_threaded_blas():
+        return _solve_search(
+            problem,
+            time_limit_s=time_limit_s,
+            seed=seed,
+            start=start,
+            progress=progress,
+            max_iterations=max_iterations,
+        )
+
+
+def _solve_search(
+    problem: AssignmentProblem,
+    *,
+    time_limit_s: float,
+    seed: int,
+    start: Assignment | Sequence[int] | np.ndarray | None,
+    progress: ProgressCallback | None,
+    max_iterations: int | None,
+) -> Assignment:
+    if not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
+    if max_iterations is not None and max_iterations < 0:
+        raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
+    started = time.perf_counter()
+    searcher = _Searcher(
+        problem, rng=np.random.default_rng(seed), deadline=started + float(time_limit_s)
+    )
+    log: list[str] = []
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
+    def report(evaluation: _Evaluation, message: str) -> None:
+        if progress is not None:
+            progress(SolverProgress(elapsed(), evaluation.objective, None, None, message))
+
+    if start is not None:
+        start_selection = start.selected_features if isinstance(start, Assignment) else start
+        first = searcher.evaluate(_checked_selection(problem, start_selection))
+        log.append(f"start: given selection, objective {first.objective:.6f}")
+    else:
+        first = searcher.evaluate(searcher.greedy(n_choices=1))
+        log.append(f"start: greedy selection, objective {first.objective:.6f}")
+    relaxed_optimum = searcher.evaluate(searcher.relaxed_descent(first.selected))
+    if relaxed_optimum.objective > first.objective:
+        first = relaxed_optimum
+    current = searcher.descend(first)
+    best = current
+    log.append(f"descent: objective {best.objective:.6f} after {searcher.n_swaps} swaps")
+    report(best, "descent")
+
+    # iterated local search: kicks of a few swaps from the current solution, descent, accept if
+    # not worse; after a run of failures restart from a randomised greedy selection
+    max_kick = max(2, problem.n_features // _KICK_DIVISOR)
+    n_rounds = 0
+    n_failures = 0
+    n_restarts = 0
+    while not searcher.out_of_time() and (max_iterations is None or n_rounds < max_iterations):
+        n_rounds += 1
+        if n_failures >= _RESTART_AFTER:
+            n_failures = 0
+            n_restarts += 1
+            kicked = searcher.greedy(n_choices=3)
+        else:
+            n_swaps = int(searcher.rng.integers(1, max_kick + 1))
+            kicked = searcher.kick(current, n_swaps=n_swaps, n_choices=_KICK_CHOICES)
+        candidate = searcher.evaluate(searcher.relaxed_descent(kicked))
+        tolerance = searcher.tolerance(best.objective)
+        # the exact descent only pays when the relaxed value leaves room to beat the best
+        if candidate.relaxed > best.objective + tolerance:
+            candidate = searcher.descend(candidate)
+        if candidate.objective > best.objective + tolerance:
+            best = candidate
+            n_failures = 0
+            report(best, f"round {n_rounds}")
+        else:
+            n_failures += 1
+        if candidate.objective >= current.objective - tolerance:
+            current = candidate
+
+    class_features = [list(subset) for subset in best.subsets]
+    selected_features = best.selected.tolist()
+    objective = problem.objective(selected_features, class_features)
+    log.append(
+        f"search: {n_rounds} rounds, {n_restarts} restarts, {searcher.n_swaps} improving swaps, "
+        f"{searcher.n_evaluations} exact evaluations, {elapsed():.2f} s"
+    )
+    log.append(
+        f"best: objective {objective:.6f}; {best.n_moved} classes moved off their best subset to "
+        f"keep all classes distinct (optimal for this selection)"
+    )
+    _logger.info("search finished: objective %.6f in %.2f s", objective, elapsed())
+    return Assignment(
+        selected_features=selected_features,
+        class_features=class_features,
+        objective=objective,
+        bound=None,
+        gap=None,
+        method="search",
+        time_s=elapsed(),
+        log=log,
+    )

@@ -1,0 +1,105 @@
+"""The paper's transforms and the mean/std estimate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from _fixtures_data import make_image_folder
+from openqpm.data import DATASET_STATS, build_transforms, compute_mean_std, create_dataset
+
+MEAN = (0.2, 0.4, 0.6)
+STD = (0.1, 0.2, 0.3)
+
+
+@pytest.mark.parametrize("squash", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_output_is_a_square_normalised_tensor(train: bool, squash: bool) -> None:
+    transform = build_transforms(train=train, image_size_px=24, mean=MEAN, std=STD, squash=squash)
+    output = transform(Image.new("RGB", (50, 30), (51, 102, 153)))
+    assert isinstance(output, torch.Tensor)
+    assert output.shape == (3, 24, 24) and output.dtype == torch.float32
+
+
+@pytest.mark.parametrize("squash", [True, False])
+def test_test_transform_normalises_with_the_given_statistics(squash: bool) -> None:
+    transform = build_transforms(train=False, image_size_px=16, mean=MEAN, std=STD, squash=squash)
+    # a constant image at the mean normalises to zero; one std above to one
+    at_mean = transform(Image.new("RGB", (40, 20), (51, 102, 153)))
+    assert torch.allclose(at_mean, torch.zeros_like(at_mean), atol=0.01)
+    above = transform(Image.new("RGB", (40, 20), (77, 153, 230)))
+    assert torch.allclose(above, torch.ones_like(above), atol=0.03)
+
+
+def test_squash_keeps_the_whole_image_and_crop_keeps_the_centre() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 20))  # white left quarter
+    zero_one = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    squashed = build_transforms(train=False, image_size_px=20, squash=True, **zero_one)(image)
+    cropped = build_transforms(train=False, image_size_px=20, squash=False, **zero_one)(image)
+    assert squashed[0, 10, 1] > 0.9  # the white quarter survives the squash
+    assert cropped.max() < 0.1  # shorter side 20, centre crop 20x20: the quarter is cut off
+
+
+def test_train_transform_has_the_reference_steps() -> None:
+    train = build_transforms(train=True, image_size_px=32, mean=MEAN, std=STD, squash=False)
+    kinds = [type(step) for step in train.transforms]
+    assert kinds == [
+        T.Resize,
+        T.RandomCrop,
+        T.RandomHorizontalFlip,
+        T.ColorJitter,
+        T.TrivialAugmentWide,
+        T.ToTensor,
+        T.Normalize,
+    ]
+    crop = train.transforms[1]
+    assert isinstance(crop, T.RandomCrop) and crop.padding == 4
+    jitter = train.transforms[3]
+    assert isinstance(jitter, T.ColorJitter)
+    assert jitter.brightness == (0.9, 1.1) and jitter.hue is None
+    squash = build_transforms(train=True, image_size_px=32, mean=MEAN, std=STD, squash=True)
+    assert isinstance(squash.transforms[0], T.Resize) and squash.transforms[0].size == (32, 32)
+    assert not any(isinstance(step, T.RandomCrop) for step in squash.transforms)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="3 channels"):
+        build_transforms(train=False, image_size_px=8, mean=(0.5,), std=STD, squash=True)
+    with pytest.raises(ValueError, match="positive"):
+        build_transforms(train=False, image_size_px=8, mean=MEAN, std=(0.1, 0.0, 0.1), squash=True)
+    with pytest.raises(ValueError, match="positive"):
+        build_transforms(train=False, image_size_px=0, mean=MEAN, std=STD, squash=True)
+
+
+def test_dataset_stats_have_the_reference_values() -> None:
+    assert set(DATASET_STATS) == {"cub", "travelingbirds", "cars", "aircraft", "imagenet"}
+    assert DATASET_STATS["cub"] == ((0.4853, 0.4964, 0.4295), (0.2300, 0.2258, 0.2625))
+
+
+def test_compute_mean_std_weights_every_pixel_once(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(root / "train" / "a" / "big.png")
+    Image.new("RGB", (5, 4), (0, 0, 255)).save(root / "train" / "a" / "small.png")
+    Image.new("RGB", (1, 1)).save(root / "val" / "a" / "x.png")
+    dataset = create_dataset("imagefolder", root, "train")
+    mean, std = compute_mean_std(dataset)
+    share_red = 100 / 120  # 100 red pixels, 20 blue ones
+    np.testing.assert_allclose(mean, (share_red, 0.0, 1 - share_red), atol=1e-9)
+    bernoulli_std = np.sqrt(share_red * (1 - share_red))
+    np.testing.assert_allclose(std, (bernoulli_std, 0.0, bernoulli_std), atol=1e-9)
+    first_only = compute_mean_std(dataset, max_images=1)
+    assert first_only == ((1.0, 0.0, 0.0), (0.0, 0.0, 0.0))  # "big.png" sorts first
+
+
+def test_compute_mean_std_rejects_empty_requests(tmp_path: Path) -> None:
+    dataset = create_dataset("imagefolder", make_image_folder(tmp_path), "train")
+    with pytest.raises(ValueError, match="max_images"):
+        compute_mean_std(dataset, max_images=0)

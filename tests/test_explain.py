@@ -1,0 +1,381 @@
+"""Explanations: global structure and pairs, example choice, heatmaps, figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from matplotlib.figure import Figure
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from openqpm.explain.examples import (
+    DatasetScan,
+    choose_example,
+    class_mistakes,
+    example_scores,
+    scan_dataset,
+    top_activating,
+)
+from openqpm.explain.figures import (
+    LocalExplanation,
+    class_comparison_figure,
+    explain_image,
+    local_explanation_figure,
+)
+from openqpm.explain.global_ import GlobalExplanation
+from openqpm.explain.heatmaps import (
+    assign_feature_colors,
+    composite_overlay,
+    display_image,
+    feature_palette,
+    heatmap_overlay,
+    upsample_map,
+)
+from openqpm.models import QPMHead, QPMModel, create_backbone
+
+# classes 0: {0, 1}, 1: {0, 2}, 2: {3, 4}, 3: {1, 2}; pairs sharing one feature: (0,1), (0,3), (1,3)
+WEIGHTS = np.array(
+    [[1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 1], [0, 1, 1, 0, 0]], dtype=float
+)
+NAMES = ["alpha", "beta", "gamma", "delta"]
+
+
+# ---------------------------------------------------------------------------------------------
+# global explanations
+
+
+def test_global_explanation_lists_features_classes_and_pairs() -> None:
+    explanation = GlobalExplanation.from_weights(
+        WEIGHTS, class_names=NAMES, channel_ids=[10, 11, 12, 13, 14]
+    )
+    assert explanation.class_features == [[0, 1], [0, 2], [3, 4], [1, 2]]
+    assert explanation.feature_classes == [[0, 1], [0, 3], [1, 3], [2], [2]]
+    pairs = [(p.first, p.second) for p in explanation.contrastive_pairs]
+    assert pairs == [(0, 1), (0, 3), (1, 3)]  # class order without attributes
+    first = explanation.contrastive_pairs[0]
+    assert (first.shared_features, first.first_only, first.second_only) == ((0,), (1,), (2,))
+    assert first.attribute_similarity is None
+    assert [(p.first, p.second) for p in explanation.pairs_of(2)] == []
+
+
+def test_contrastive_pairs_are_ranked_by_attribute_similarity() -> None:
+    attributes = np.array(
+        [[1.0, 0.0, 0.2], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0], [0.7, 0.7, 0.0]]
+    )  # beta and delta are the most alike, then alpha and beta, then alpha and delta
+    explanation = GlobalExplanation.from_weights(
+        WEIGHTS, class_names=NAMES, class_attributes=attributes
+    )
+    pairs = explanation.contrastive_pairs
+    assert [(p.first, p.second) for p in pairs] == [(1, 3), (0, 1), (0, 3)]
+    similarities = [p.attribute_similarity for p in pairs]
+    assert similarities == sorted(similarities, reverse=True)
+    unit = attributes / np.linalg.norm(attributes, axis=1, keepdims=True)
+    assert similarities[0] == pytest.approx(float(unit[1] @ unit[3]))
+
+
+def test_pairs_need_equal_feature_counts_and_all_but_one_shared() -> None:
+    weights = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 1], [0, 0, 1, 1]])
+    explanation = GlobalExplanation.from_weights(weights, class_names=list("abcd"))
+    # a and c share 2 of 3: a pair; b has 2 features only; d shares one with a and c
+    assert [(p.first, p.second) for p in explanation.contrastive_pairs] == [(0, 2)]
+
+
+def test_class_features_are_ordered_by_weight() -> None:
+    weights = np.array([[0.5, 0.0, 2.0, -1.0], [1.0, 1.0, 0.0, 0.0]])
+    explanation = GlobalExplanation.from_weights(weights, class_names=["a", "b"])
+    assert explanation.class_features == [[2, 0, 3], [0, 1]]
+
+
+def test_global_explanation_json_round_trip(tmp_path) -> None:
+    explanation = GlobalExplanation.from_weights(
+        WEIGHTS, class_names=NAMES, channel_ids=[3, 5, 8, 13, 21], class_attributes=np.eye(4) + 0.1
+    )
+    path = explanation.save_json(tmp_path / "explanation.json")
+    data = json.loads(path.read_text())
+    assert data["classes"][3] == {
+        "index": 3,
+        "name": "delta",
+        "features": [1, 2],
+        "channels": [5, 8],
+        "weights": [1.0, 1.0],
+    }
+    assert data["features"][4] == {"index": 4, "channel": 21, "classes": [2]}
+    assert GlobalExplanation.from_dict(data) == explanation
+    assert [p.name for p in tmp_path.iterdir()] == ["explanation.json"]  # no temporary left
+    with pytest.raises(ValueError, match="global explanation"):
+        GlobalExplanation.from_dict({"format": "something else"})
+
+
+def test_global_explanation_rejects_mismatched_names() -> None:
+    with pytest.raises(ValueError, match="class names"):
+        GlobalExplanation.from_weights(WEIGHTS, class_names=["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# example choice
+
+
+def _scan(labels, predictions, features, distinctness) -> DatasetScan:
+    n_images = len(labels)
+    features = np.asarray(features, dtype=np.float32)
+    return DatasetScan(
+        labels=np.asarray(labels),
+        predictions=np.asarray(predictions),
+        runner_up=np.zeros(n_images, dtype=np.int64),
+        logit_margin=np.arange(n_images, dtype=np.float32),
+        features=features,
+        peak_activations=np.abs(features),
+        distinctness=np.asarray(distinctness, dtype=np.float32),
+    )
+
+
+def test_choose_example_never_picks_a_misclassified_image() -> None:
+    scan = _scan(
+        labels=[0, 0, 0, 1],
+        predictions=[0, 1, 0, 1],
+        # image 1 (misclassified) and image 3 (another class) score best of all
+        features=[[0.5, 0.5], [5.0, 5.0], [1.0, 2.0], [9.0, 9.0]],
+        distinctness=[0.5, 1.0, 0.9, 1.0],
+    )
+    assert choose_example(scan, [0, 1], 0) == 2
+    scores = example_scores(scan, [0, 1])
+    assert scores.argmax() in (1, 3)  # so the filter is what excludes them
+    wrong_only = _scan([0, 0], [1, 2], [[1.0, 1.0], [2.0, 2.0]], [0.5, 0.6])
+    assert choose_example(wrong_only, [0, 1], 0) is None
+
+
+def test_example_score_wants_every_feature_active() -> None:
+    scan = _scan(
+        labels=[0, 0],
+        predictions=[0, 0],
+        features=[[3.0, -2.0], [1.0, 1.0]],  # image 0 has one strong and one inactive feature
+        distinctness=[0.8, 0.8],
+    )
+    assert choose_example(scan, [0, 1], 0) == 1
+
+
+def test_class_mistakes_and_top_activating() -> None:
+    scan = _scan(
+        labels=[0, 0, 0, 1],
+        predictions=[1, 0, 1, 0],
+        features=[[0.1], [0.7], [0.3], [0.9]],
+        distinctness=[1, 1, 1, 1],
+    )
+    assert class_mistakes(scan, 0).tolist() == [2, 0]  # larger logit margin first
+    assert top_activating(scan, 0, n_images=3).tolist() == [3, 1, 2]
+    with pytest.raises(IndexError):
+        top_activating(scan, 1)
+
+
+def _tiny_qpm() -> QPMModel:
+    torch.manual_seed(0)
+    matrix = [[1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    head = QPMHead([2, 5, 11], torch.full((3,), 0.3), torch.full((3,), 0.2), matrix)
+    return QPMModel(create_backbone("tiny_cnn"), head, class_names=["a", "b", "c"]).eval()
+
+
+def test_scan_dataset_matches_the_model() -> None:
+    model = _tiny_qpm()
+    images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    scan = scan_dataset(model, TensorDataset(images, labels), batch_size=3)
+    with torch.no_grad():
+        logits = model(images)
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    np.testing.assert_array_equal(scan.predictions, logits.argmax(dim=1).numpy())
+    np.testing.assert_array_equal(scan.labels, labels.numpy())
+    np.testing.assert_allclose(scan.features, features.numpy(), rtol=1e-5, atol=1e-6)
+    top_two = logits.topk(2, dim=1)
+    np.testing.assert_array_equal(scan.runner_up, top_two.indices[:, 1].numpy())
+    assert ((scan.distinctness >= 0.5 - 1e-6) & (scan.distinctness <= 1.0 + 1e-6)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# heatmaps
+
+
+def test_feature_colors_are_distinct_and_deterministic() -> None:
+    class_features = [[0, 1, 2], [0, 3, 4], [1, 3, 5], [2, 4, 5]]
+    colors = assign_feature_colors(class_features, 6)
+    assert colors.shape == (6, 3) and ((colors >= 0) & (colors <= 1)).all()
+    assert len({tuple(c) for c in colors.round(6)}) == 6
+    np.testing.assert_array_equal(colors, assign_feature_colors(class_features, 6))
+    many = feature_palette(60)
+    assert len({tuple(c) for c in many.round(6)}) == 60
+    for features in class_features:  # features of one class are clearly different colours
+        chosen = colors[features]
+        distances = np.linalg.norm(chosen[:, None] - chosen[None], axis=2)
+        assert distances[np.triu_indices(3, 1)].min() > 0.3
+
+
+def test_upsample_map_keeps_constants_and_size() -> None:
+    upsampled = upsample_map(np.full((2, 3), 4.0), (10, 15))
+    assert upsampled.shape == (10, 15)
+    np.testing.assert_allclose(upsampled, 4.0)
+
+
+def test_heatmap_overlay_colours_the_peak_and_leaves_the_rest_grey() -> None:
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    feature_map = np.zeros((8, 8))
+    feature_map[2, 5] = 1.0
+    red = (1.0, 0.0, 0.0)
+    overlay = heatmap_overlay(image, feature_map, red)
+    far = overlay[7, 0].astype(int)
+    assert far[0] == far[1] == far[2]  # no activation: grey
+    peak = overlay[2, 5].astype(int)
+    assert peak[0] > 200 and peak[1] < 40 and peak[2] < 40
+    # a shared, larger scale draws the same map dimmer: comparable brightness across images
+    dimmer = heatmap_overlay(image, feature_map, red, scale_max=4.0)[2, 5].astype(int)
+    assert dimmer[0] - dimmer[1] < peak[0] - peak[1]
+
+
+def test_composite_overlay_takes_the_strongest_feature_per_pixel() -> None:
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    maps = np.zeros((2, 4, 4))
+    maps[0, :, :2] = 1.0  # left half: feature 0
+    maps[1, :, 2:] = 1.0  # right half: feature 1
+    colors = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    overlay = composite_overlay(image, maps, colors).astype(int)
+    assert overlay[1, 0, 0] > overlay[1, 0, 2]  # red on the left
+    assert overlay[1, 3, 2] > overlay[1, 3, 0]  # blue on the right
+
+
+class _PictureSet:
+    """A one-image data set whose picture has a red left fifth (for the crop check)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def load_image(self, index: int) -> Image.Image:
+        array = np.zeros((30, 60, 3), dtype=np.uint8)  # 60 wide, 30 high
+        array[:, :12] = (255, 0, 0)
+        return Image.fromarray(array)
+
+
+def test_display_image_squashes_or_centre_crops_like_the_transform() -> None:
+    squashed = display_image(_PictureSet(T.Compose([T.Resize((16, 16))])), 0, size_px=12)
+    assert squashed.shape == (12, 12, 3)
+    assert squashed[6, 0, 0] > 200  # the red left fifth is visible
+    cropped = display_image(_PictureSet(T.Compose([T.Resize(16), T.CenterCrop(16)])), 0, size_px=12)
+    assert cropped[6, 0, 0] < 50  # the centre square starts at x = 15, right of the red part
+
+
+# ---------------------------------------------------------------------------------------------
+# local explanations and figures
+
+
+def _local(features) -> LocalExplanation:
+    weights = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    values = np.asarray(features, dtype=float)
+    return LocalExplanation(
+        logits=weights @ values,
+        features=values,
+        feature_maps=np.random.default_rng(0).uniform(size=(3, 4, 4)),
+        class_weights=weights,
+        predicted_class=0,
+        runner_up_class=1,
+    )
+
+
+def test_separating_feature_is_why_this_and_not_that() -> None:
+    own_feature_active = _local([1.0, 2.0, -1.0])  # gains: feature 1: +2, feature 2: +1
+    assert own_feature_active.separating_feature == 1
+    assert own_feature_active.separating_gain() == pytest.approx(2.0)
+    assert "f1 is A's only, and it is active" in own_feature_active.why_not_sentence(
+        ["A", "B"], ["f0", "f1", "f2"]
+    )
+    rival_feature_missing = _local([1.0, 0.1, -3.0])  # gains: feature 1: 0.1, feature 2: +3
+    assert rival_feature_missing.separating_feature == 2
+    assert "f2 is B's only, and it is weak" in rival_feature_missing.why_not_sentence(
+        ["A", "B"], ["f0", "f1", "f2"]
+    )
+    parts = own_feature_active.contributions(0)
+    assert parts == [(1, 2.0), (0, 1.0)]
+    assert sum(value for _, value in parts) == pytest.approx(own_feature_active.logits[0])
+
+
+def test_explain_image_contributions_sum_to_the_logits() -> None:
+    model = _tiny_qpm()
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(2))
+    local = explain_image(model, image)
+    with torch.no_grad():
+        logits = model(image[None])[0].numpy()
+    np.testing.assert_allclose(local.logits, logits, rtol=1e-5)
+    assert local.predicted_class == int(logits.argmax())
+    for class_index in range(3):
+        total = sum(value for _, value in local.contributions(class_index))
+        assert total == pytest.approx(float(logits[class_index]), rel=1e-4, abs=1e-5)
+    assert local.feature_maps.shape[0] == 3
+    with pytest.raises(ValueError, match="one image"):
+        explain_image(model, torch.zeros(2, 3, 32, 32))
+
+
+def test_class_comparison_figure_has_a_column_per_feature(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (20, 20, 3), dtype=np.uint8) for _ in range(2)]
+    maps = [rng.uniform(size=(5, 4, 4)) for _ in range(2)]
+    colors = assign_feature_colors([[0, 1, 2], [1, 2, 3]], 5)
+    figure = class_comparison_figure(
+        images,
+        maps,
+        first_only=[0],
+        shared=[1, 2],
+        second_only=[3],
+        class_names=["Shiny Cowbird", "Bronzed Cowbird"],
+        colors=colors,
+        feature_values=[rng.normal(size=5), rng.normal(size=5)],
+    )
+    assert isinstance(figure, Figure)
+    axes = figure.axes
+    assert len(axes) == 2 * 5
+    titles = [axis.get_title() for axis in axes[1:5]]
+    assert titles[0].startswith("Shiny Cowbird only") and titles[3].startswith("Bronzed")
+    assert titles[1].startswith("shared")
+    figure.savefig(tmp_path / "pair.png")
+    assert (tmp_path / "pair.png").stat().st_size > 1000
+    # drawing into given axes
+    target = Figure()
+    grid = np.asarray(target.subplots(2, 5, squeeze=False))
+    assert (
+        class_comparison_figure(
+            images,
+            maps,
+            first_only=[0],
+            shared=[1, 2],
+            second_only=[3],
+            class_names=["a", "b"],
+            colors=colors,
+            axes=grid,
+        )
+        is target
+    )
+    with pytest.raises(ValueError, match="axes"):
+        class_comparison_figure(
+            images,
+            maps,
+            first_only=[0],
+            shared=[1],
+            second_only=[3],
+            class_names=["a", "b"],
+            colors=colors,
+            axes=grid,
+        )
+
+
+def test_local_explanation_figure(tmp_path) -> None:
+    local = _local([1.0, 2.0, -1.0])
+    image = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    colors = assign_feature_colors([[0, 1], [0, 2]], 3)
+    figure = local_explanation_figure(image, local, class_names=["A", "B"], colors=colors)
+    assert isinstance(figure, Figure)
+    assert "Why A and not B" in figure.get_suptitle()
+    assert len(figure.axes) == 3 + 2  # image, composite, bars, one heatmap per feature of A
+    figure.savefig(tmp_path / "local.png")
+    with pytest.raises(ValueError, match="axes"):
+        local_explanation_figure(
+            image, local, class_names=["A", "B"], colors=colors, axes=figure.axes[:3]
+        )

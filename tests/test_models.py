@@ -1,0 +1,495 @@
+"""Tests of the backbones, the heads, QPMModel and save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import openqpm
+from openqpm.models import (
+    Backbone,
+    DenseHead,
+    QPMHead,
+    QPMModel,
+    backbone_names,
+    check_image_size,
+    check_n_features,
+    create_backbone,
+    load,
+    read_metadata,
+    register_backbone,
+)
+from openqpm.models.backbones import _REGISTRY
+
+# A valid 4-class assignment over 4 selected features, 2 per class, rows distinct.
+_MATRIX = [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]]
+_SELECTED = [3, 0, 17, 9]
+
+
+def _dense_model(n_classes: int = 4) -> QPMModel:
+    backbone = create_backbone("tiny_cnn")
+    return QPMModel(
+        backbone,
+        DenseHead(backbone.n_features, n_classes),
+        class_names=[f"class {i}" for i in range(n_classes)],
+        metadata={"image_size_px": 32, "data_mean": [0.5, 0.5, 0.5], "data_std": [0.2] * 3},
+    )
+
+
+def _qpm_model() -> QPMModel:
+    return _dense_model().to_qpm(
+        _SELECTED, torch.rand(4) + 0.1, torch.rand(4) + 0.5, _MATRIX, dropout=0.1
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# backbones
+
+
+def test_registry_lists_the_required_backbones() -> None:
+    assert {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "inception_v3",
+        "swin_t",
+        "swin_s",
+        "convnext_tiny",
+        "small_cnn",
+        "tiny_cnn",
+    } <= set(backbone_names())
+
+
+def test_unknown_backbone_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet51'.*resnet50.*small_cnn"):
+        create_backbone("resnet51")
+
+
+def test_registering_a_taken_name_fails() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("resnet50")
+
+
+def test_timm_names_need_timm() -> None:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"openqpm\[timm\]"):
+            create_backbone("timm:resnet18")
+    else:
+        backbone = create_backbone("timm:resnet18")
+        maps = backbone(torch.rand(1, 3, 64, 64))
+        assert maps.shape == (1, backbone.n_features, 2, 2)
+
+
+# The torchvision networks take seconds each to build on 2 cores: only resnet18 by default.
+_FAST_BACKBONES = {"resnet18", "small_cnn", "tiny_cnn"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        name if name in _FAST_BACKBONES else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(_REGISTRY)
+    ],
+)
+def test_every_backbone_gives_non_negative_maps_of_the_announced_shape(name: str) -> None:
+    backbone = create_backbone(name).eval()
+    size = max(backbone.min_image_size_px, 64)
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 3, size, size))
+    assert isinstance(backbone, Backbone)
+    assert backbone.name == name
+    assert maps.shape == (2, backbone.n_features, *backbone.feature_map_size(size))
+    assert (maps >= 0).all()
+    assert backbone.min_image_size_px <= backbone.default_image_size_px
+
+
+@pytest.mark.parametrize(("name", "n_features"), [("resnet18", 512), ("resnet50", 2048)])
+def test_reduced_strides_give_28x28_maps_at_224_px(name: str, n_features: int) -> None:
+    default = create_backbone(name)
+    reduced = create_backbone(name, reduced_strides=True)
+    assert default.n_features == reduced.n_features == n_features
+    assert default.feature_map_size(224) == (7, 7)
+    assert reduced.feature_map_size(224) == (28, 28)
+    # Same parameters, only strides differ: a default checkpoint loads into both.
+    assert {k: v.shape for k, v in default.state_dict().items()} == {
+        k: v.shape for k, v in reduced.state_dict().items()
+    }
+    # The real forward agrees with the shape-only one.
+    with torch.no_grad():
+        assert reduced.eval()(torch.rand(1, 3, 64, 64)).shape == (1, n_features, 8, 8)
+
+
+def test_small_cnn_maps_are_8x8_at_64_px() -> None:
+    assert create_backbone("small_cnn").feature_map_size(64) == (8, 8)
+
+
+def test_small_cnn_is_small() -> None:
+    n_parameters = sum(p.numel() for p in create_backbone("small_cnn").parameters())
+    assert 100_000 < n_parameters < 1_000_000
+    assert sum(p.numel() for p in create_backbone("tiny_cnn").parameters()) < 10_000
+
+
+@pytest.mark.parametrize("name", ["inception_v3", "swin_t", "small_cnn", "tiny_cnn"])
+def test_reduced_strides_only_for_resnets(name: str) -> None:
+    with pytest.raises(ValueError, match="only available for resnet"):
+        create_backbone(name, reduced_strides=True)
+
+
+def test_image_size_checks() -> None:
+    inception = create_backbone("inception_v3")
+    assert inception.feature_map_size(299) == (8, 8)
+    assert inception.feature_map_size(75) == (1, 1)
+    with pytest.raises(ValueError, match=r"74 px is too small for backbone 'inception_v3'.*75"):
+        check_image_size(inception, 74)
+    check_image_size(inception, 75)
+    with pytest.raises(TypeError, match="integer"):
+        check_image_size(inception, 299.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="too small"):
+        create_backbone("tiny_cnn").feature_map_size(4)
+
+
+def test_n_features_checks() -> None:
+    backbone = create_backbone("tiny_cnn")
+    check_n_features(backbone, 32)
+    with pytest.raises(ValueError, match=r"n_features=33 is larger than the 32 feature channels"):
+        check_n_features(backbone, 33)
+    with pytest.raises(ValueError, match="positive integer"):
+        check_n_features(backbone, 0)
+
+
+def _torchvision_resnet18_state(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_torchvision_weights_load_from_a_local_pth(tmp_path: Path) -> None:
+    path, state = _torchvision_resnet18_state(tmp_path)
+    backbone = create_backbone("resnet18", weights_path=path, reduced_strides=True)
+    loaded = backbone.state_dict()
+    assert "fc.weight" in state and "fc.weight" not in loaded
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+    # A fresh random backbone differs, so the equality above is not trivial.
+    assert not torch.equal(create_backbone("resnet18").conv1.weight, loaded["conv1.weight"])
+
+
+def test_weights_load_from_safetensors_and_old_checkpoints(tmp_path: Path) -> None:
+    _, state = _torchvision_resnet18_state(tmp_path)
+    # Old torchvision checkpoints (e.g. resnet18-5c106cde.pth) have no num_batches_tracked.
+    old_style = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in old_style.items()}, str(path))
+    backbone = create_backbone("resnet18", weights_path=path)
+    assert torch.equal(backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
+def test_missing_weights_file_names_the_expected_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"resnet50-19c8e357\.pth.*download\.pytorch"):
+        create_backbone("resnet50", weights_path=tmp_path / "nowhere.pth")
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=r"unexpected keys \['layer1\.2\."):
+        create_backbone("resnet18", weights_path=path)
+
+
+def test_non_state_dict_weights_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        create_backbone("tiny_cnn", weights_path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# heads
+
+
+def test_dense_head_pools_then_applies_the_linear_layer() -> None:
+    head = DenseHead(3, 2, dropout=0.2).eval()
+    maps = torch.rand(5, 3, 4, 4)
+    pooled = maps.mean(dim=(2, 3))
+    assert torch.allclose(head.pre_logits(maps), pooled)
+    expected = pooled @ head.linear.weight.T + head.linear.bias
+    assert torch.allclose(head(maps), expected, atol=1e-6)
+    assert head.weight is head.linear.weight
+
+
+def test_qpm_head_computes_normalised_sums_by_hand() -> None:
+    # Three selected channels (2, 0, 1), pooled values read off constant maps.
+    maps = torch.zeros(1, 4, 2, 2)
+    maps[0, 0] = 4.0  # channel 0: pooled 4
+    maps[0, 1] = 100.0  # channel 1: pooled 100
+    maps[0, 2] = 1.0  # channel 2: pooled 1
+    maps[0, 3] = 7.0  # not selected
+    head = QPMHead(
+        [2, 0, 1],
+        mean=[0.5, 2.0, 90.0],
+        std=[0.5, 4.0, 5.0],
+        class_feature_matrix=[[1, 1, 0], [0, 1, 1]],
+    ).eval()
+    # z = [(1 - 0.5) / 0.5, (4 - 2) / 4, (100 - 90) / 5] = [1, 0.5, 2]
+    # class 0 = z0 + z1 = 1.5, class 1 = z1 + z2 = 2.5
+    assert torch.allclose(head.pre_logits(maps), torch.tensor([[1.0, 0.5, 2.0]]))
+    assert torch.allclose(head(maps), torch.tensor([[1.5, 2.5]]))
+    assert torch.equal(head.select_maps(maps), maps[:, [2, 0, 1]])
+    assert head.class_features == [[2, 0], [0, 1]]
+    assert (head.n_classes, head.n_features, head.n_per_class) == (2, 3, 2)
+
+
+def test_qpm_head_has_no_trainable_parameters_and_guards_zero_std() -> None:
+    head = QPMHead([0, 1], [0.0, 1.0], [0.0, 2.0], [[1, 0], [0, 1]])
+    assert list(head.parameters()) == []
+    maps = torch.full((1, 2, 3, 3), 3.0)
+    # std 0 is clamped at 1e-6: (3 - 0) / 1e-6; std 2: (3 - 1) / 2.
+    assert torch.allclose(head.eval().pre_logits(maps), torch.tensor([[3e6, 1.0]]))
+
+
+def test_qpm_dropout_acts_before_normalisation() -> None:
+    torch.manual_seed(0)
+    mean, std, p = torch.tensor([2.0, 3.0]), torch.tensor([0.5, 2.0]), 0.5
+    head = QPMHead([0, 1], mean, std, [[1, 0], [0, 1]], dropout=p).train()
+    maps = torch.full((200, 2, 2, 2), 5.0)
+    normalised = head.pre_logits(maps)  # (200, 2)
+    dropped = -mean / std  # a dropped raw feature is 0, then normalised
+    kept = (5.0 / (1 - p) - mean) / std
+    is_dropped = torch.isclose(normalised, dropped.expand_as(normalised))
+    is_kept = torch.isclose(normalised, kept.expand_as(normalised))
+    assert (is_dropped | is_kept).all()
+    assert is_dropped.any() and is_kept.any()
+
+
+@pytest.mark.parametrize(
+    ("selected", "mean", "std", "matrix", "message"),
+    [
+        ([0, 1], [0, 0], [1, 1], [[1, 0], [0, 2]], "only 0 and 1"),
+        ([0, 1, 2], [0] * 3, [1] * 3, [[1, 0, 0], [0, 1, 1]], "same positive number of ones"),
+        ([0, 1], [0, 0], [1, 1], [[1, 0], [1, 0]], "identical rows"),
+        ([0, 1], [0, 0], [1, 1], [[1, 0, 0], [0, 1, 0]], r"shape \(n_classes, 2\)"),
+        ([0, 0], [0, 0], [1, 1], [[1, 0], [0, 1]], "duplicates"),
+        ([0, 1], [0, 0, 0], [1, 1], [[1, 0], [0, 1]], r"mean must have shape \(2,\)"),
+        ([0, 1], [0, 0], [1, -1], [[1, 0], [0, 1]], "std must be >= 0"),
+        ([0, 1], [0, float("nan")], [1, 1], [[1, 0], [0, 1]], "non-finite"),
+        ([-1, 1], [0, 0], [1, 1], [[1, 0], [0, 1]], ">= 0"),
+        ([0.5, 1], [0, 0], [1, 1], [[1, 0], [0, 1]], "integers"),
+    ],
+)
+def test_qpm_head_rejects_bad_input(
+    selected: list[float],
+    mean: list[float],
+    std: list[float],
+    matrix: list[list[int]],
+    message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        QPMHead(selected, mean, std, matrix)
+
+
+def test_heads_reject_bad_sizes_and_dropout() -> None:
+    with pytest.raises(ValueError, match="n_classes must be a positive integer"):
+        DenseHead(4, 0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        DenseHead(4, 2, dropout=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# QPMModel
+
+
+def test_model_methods_compose() -> None:
+    model = _qpm_model().eval()
+    images = torch.randn(3, 3, 32, 32)
+    maps = model.forward_features(images)
+    assert maps.shape == (3, 32, 4, 4)
+    head_maps = model.head_feature_maps(maps)
+    assert torch.equal(head_maps, maps[:, _SELECTED])
+    logits = model.forward_head(maps)
+    assert torch.equal(model(images), logits)
+    features = model.forward_head(maps, pre_logits=True)  # (B, K)
+    assert torch.allclose(logits, features @ torch.tensor(_MATRIX, dtype=torch.float32).T)
+    weights = model.class_weights()
+    assert torch.equal(weights, torch.tensor(_MATRIX, dtype=torch.float32))
+    assert not weights.requires_grad
+    assert model.is_qpm and not _dense_model().is_qpm
+
+
+def test_dense_class_weights_are_the_detached_linear_weight() -> None:
+    model = _dense_model()
+    weights = model.class_weights()
+    assert weights.shape == (4, 32) and not weights.requires_grad
+    assert torch.equal(weights, model.head.linear.weight)  # type: ignore[union-attr]
+
+
+def test_to_qpm_shares_the_backbone_and_keeps_names() -> None:
+    dense = _dense_model()
+    qpm = dense.to_qpm(_SELECTED, torch.zeros(4), torch.ones(4), np.array(_MATRIX, dtype=bool))
+    assert qpm.backbone is dense.backbone
+    assert qpm.class_names == dense.class_names
+    assert qpm.metadata == dense.metadata and qpm.metadata is not dense.metadata
+    assert qpm.head.n_per_class == 2  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="3 rows but the model has 4 classes"):
+        dense.to_qpm([0, 1, 2], torch.zeros(3), torch.ones(3), np.eye(3))
+
+
+def test_model_rejects_mismatched_parts() -> None:
+    backbone = create_backbone("tiny_cnn")
+    with pytest.raises(ValueError, match="3 class names given for a head with 4 classes"):
+        QPMModel(backbone, DenseHead(32, 4), class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="DenseHead reads 16 features but backbone"):
+        QPMModel(backbone, DenseHead(16, 2), class_names=["a", "b"])
+    head = QPMHead([0, 40], [0, 0], [1, 1], [[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="selects channel 40 but backbone 'tiny_cnn' has only 32"):
+        QPMModel(backbone, head, class_names=["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+
+
+@pytest.mark.parametrize("make_model", [_dense_model, _qpm_model])
+def test_save_load_round_trip_gives_the_same_logits(tmp_path: Path, make_model) -> None:
+    model = make_model()
+    # Non-default BatchNorm statistics, so that the buffers must round-trip too.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32) * 3 + 1)
+    model.eval()
+    path = model.save(tmp_path / "model.safetensors", extra_metadata={"accuracy": 0.5})
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files left
+    loaded = openqpm.load(path)
+    assert not loaded.training
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert loaded.class_names == model.class_names
+    assert loaded.is_qpm == model.is_qpm
+    assert loaded.metadata == {**model.metadata, "accuracy": 0.5}
+
+
+def test_saved_metadata_describes_the_qpm(tmp_path: Path) -> None:
+    path = _qpm_model().save(tmp_path / "qpm.safetensors")
+    metadata = read_metadata(path)
+    assert metadata["format"] == "openqpm-model"
+    assert metadata["architecture"] == {
+        "name": "tiny_cnn",
+        "reduced_strides": False,
+        "n_features": 32,
+        "options": {},
+    }
+    assert metadata["n_classes"] == 4
+    assert metadata["head"]["selected_features"] == _SELECTED
+    assert metadata["head"]["class_features"] == [[3, 0], [0, 17], [17, 9], [3, 9]]
+    assert metadata["head"]["n_per_class"] == 2
+    assert metadata["head"]["dropout"] == pytest.approx(0.1)
+    assert metadata["image_size_px"] == 32
+    assert metadata["data_std"] == [0.2] * 3
+
+
+def test_loading_a_reduced_stride_resnet_restores_the_strides(tmp_path: Path) -> None:
+    backbone = create_backbone("resnet18", reduced_strides=True)
+    model = QPMModel(backbone, DenseHead(512, 2), class_names=["a", "b"]).eval()
+    path = model.save(tmp_path / "dense.safetensors")
+    loaded = load(path)
+    assert loaded.backbone.reduced_strides
+    assert loaded.backbone.feature_map_size(224) == (28, 28)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_loading_files_that_are_not_openqpm_models(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not an openqpm model"):
+        load(plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load(garbage)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "missing.safetensors")
+
+
+def test_newer_format_versions_are_refused(tmp_path: Path) -> None:
+    model = _dense_model()
+    description = model.describe()
+    description["format_version"] = 99
+    path = tmp_path / "future.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"openqpm": json.dumps(description)},
+    )
+    with pytest.raises(ValueError, match="format version 99"):
+        load(path)
+
+
+def test_tensors_that_do_not_match_the_metadata_are_refused(tmp_path: Path) -> None:
+    model = _dense_model()
+    description = model.describe()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del state["head.linear.bias"]
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path), metadata={"openqpm": json.dumps(description)})
+    with pytest.raises(ValueError, match="do not match its metadata"):
+        load(path)
+
+
+def test_non_json_metadata_is_refused_before_writing(tmp_path: Path) -> None:
+    model = _dense_model()
+    with pytest.raises(ValueError, match="'bad' is not JSON-serialisable"):
+        model.save(tmp_path / "m.safetensors", extra_metadata={"bad": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "build"),
+    [
+        ("resnet50", lambda: torchvision.models.resnet50(weights=None)),
+        # The published Inception checkpoint carries the auxiliary classifier: ignored.
+        (
+            "inception_v3",
+            lambda: torchvision.models.inception_v3(
+                weights=None, aux_logits=True, init_weights=False
+            ),
+        ),
+        ("swin_t", lambda: torchvision.models.swin_t(weights=None)),
+        ("convnext_tiny", lambda: torchvision.models.convnext_tiny(weights=None)),
+    ],
+)
+def test_torchvision_checkpoints_of_every_family_load(tmp_path: Path, name: str, build) -> None:
+    state = build().state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    loaded = create_backbone(name, weights_path=path).state_dict()
+    assert loaded and all(torch.equal(value, state[key]) for key, value in loaded.items())
+
+
+@pytest.mark.slow
+def test_swin_without_final_norm_round_trips(tmp_path: Path) -> None:
+    backbone = create_backbone("swin_t")
+    backbone.set_options(final_norm=False)
+    assert backbone.options() == {"final_norm": False}
+    assert not any(key.startswith("norm.") for key in backbone.state_dict())
+    model = QPMModel(backbone, DenseHead(768, 2), class_names=["a", "b"]).eval()
+    path = model.save(tmp_path / "swin.safetensors")
+    loaded = load(path)
+    assert loaded.backbone.options() == {"final_norm": False}
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    with pytest.raises(ValueError, match="takes no options"):
+        create_backbone("tiny_cnn").set_options(final_norm=False)
