@@ -168,3 +168,18 @@ def test_imagenet_readable_names_and_flat_validation_folder(tmp_path: Path) -> N
     test = create_dataset("imagenet", tmp_path / "CLS-LOC", "test")
     assert test.labels.tolist() == [1, 0]
     assert [path.name for path in test.image_paths] == ["n01443537_0.png", "n01440764_1.png"]
+
+
+def test_cars_kaggle_copy_of_the_devkit_layout(tmp_path: Path) -> None:
+    base = make_cars_devkit(tmp_path)
+    # Kaggle's copy: car_devkit/devkit/, cars_train/cars_train/, "... (1).mat" test labels
+    (base / "car_devkit").mkdir()
+    (base / "devkit").rename(base / "car_devkit" / "devkit")
+    for split in ("train", "test"):
+        (base / f"cars_{split}").rename(base / "nested")
+        (base / f"cars_{split}").mkdir()
+        (base / "nested").rename(base / f"cars_{split}" / f"cars_{split}")
+    (base / "cars_test_annos_withlabels.mat").rename(base / "cars_test_annos_withlabels (1).mat")
+    test = create_dataset("cars", tmp_path, "test", crop=False)
+    assert test.labels.tolist() == [1, 0]
+    assert test.image_paths[0] == base / "cars_test" / "cars_test" / "00001.jpg"

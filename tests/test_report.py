@@ -204,6 +204,17 @@ def test_report_with_max_classes_links_only_existing_pages(tmp_path, model_and_t
     assert len(list((tmp_path / "small" / "img").glob("pair_*.png"))) == 1
 
 
+def test_report_handles_a_class_without_test_images(tmp_path, model_and_test_set) -> None:
+    model, dataset = model_and_test_set
+    keep = [i for i in range(len(dataset)) if dataset.labels[i] != 2]
+    smaller = _PictureDataset([dataset.pictures[i] for i in keep], dataset.labels[keep].tolist())
+    out = write_report(tmp_path / "r", model=model, dataset=smaller, max_pairs=0).parent
+    _check_links(out)
+    for page in out.rglob("*.html"):
+        assert not re.search(r"\bnan\b", page.read_text().lower()), page.name
+    assert "n/a" in (out / "classes" / "c0002.html").read_text()  # no test accuracy
+
+
 def test_report_refuses_a_dense_model(tmp_path, model_and_test_set) -> None:
     _, dataset = model_and_test_set
     dense = QPMModel(create_backbone("tiny_cnn"), DenseHead(32, 4), class_names=CLASS_NAMES)

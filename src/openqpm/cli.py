@@ -148,7 +148,15 @@ def _add_run_options(parser: argparse.ArgumentParser, *, require_run_dir: bool =
     group.add_argument("--run-dir", type=Path, required=require_run_dir, help="run directory")
     group.add_argument(
         "--dataset",
-        choices=["cub", "travelingbirds", "cars", "aircraft", "imagenet", "imagefolder", "synthetic"],
+        choices=[
+            "cub",
+            "travelingbirds",
+            "cars",
+            "aircraft",
+            "imagenet",
+            "imagefolder",
+            "synthetic",
+        ],
         help="data set layout (data.dataset)",
     )
     group.add_argument("--data-root", help="data set folder (data.root)")
@@ -393,9 +401,14 @@ def _cmd_data_make_synthetic(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from openqpm.data import check_dataset, detect_dataset
+    from openqpm.data._base import DatasetError
 
-    name = args.dataset or detect_dataset(args.path)
-    problems = check_dataset(args.path, name)
+    try:
+        name = args.dataset or detect_dataset(args.path)
+        problems = check_dataset(args.path, name, image_check=args.image_check)
+    except DatasetError as error:
+        print(f"{args.path}: {error}")
+        return 1
     if problems:
         print(f"{args.path} ({name}): {len(problems)} problem(s)")
         for problem in problems:
@@ -484,6 +497,12 @@ def _build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="validate a data set folder")
     check.add_argument("path", type=Path)
     check.add_argument("--dataset", help="layout name; detected when omitted")
+    check.add_argument(
+        "--image-check",
+        choices=["auto", "full", "sample", "none"],
+        default="auto",
+        help="decode every image (full), a spread sample, or none; auto: full up to 20000 images",
+    )
     check.set_defaults(handler=_cmd_data_check)
     data.set_defaults(handler=None, parser=data)
     return parser
@@ -517,9 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         # Known, explained failures (bad data, bad input) become one clear line; anything else
         # keeps its traceback so that it can be reported.
+        from openqpm.data._base import DatasetError
         from openqpm.pipeline import PipelineError
+        from openqpm.training import TrainingDivergedError
 
-        explained: tuple[type[BaseException], ...] = (PipelineError, FileNotFoundError)
+        explained: tuple[type[BaseException], ...] = (
+            PipelineError,
+            DatasetError,
+            TrainingDivergedError,
+            FileNotFoundError,
+        )
         if isinstance(error, explained):
             print(f"openqpm: error: {error}", file=sys.stderr)
             return 2

@@ -54,7 +54,7 @@ class DataConfig:
 
     dataset: str = "cub"  # a name from openqpm.data.dataset_names()
     root: str = ""  # the data set folder (see README for each layout)
-    crop: bool = True  # crop to the ground-truth box where the data set has boxes (CUB layout)
+    crop: bool = True  # crop to the ground-truth box where the set has boxes (CUB, Cars, ...)
     image_size_px: int = 224  # side of the square network input
     batch_size: int = 16  # per process; the paper uses 16 for fine-grained sets, 64 for ImageNet
     num_workers: int = 4  # DataLoader worker processes

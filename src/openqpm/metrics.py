@@ -483,25 +483,34 @@ def feature_overlaps(features: ArrayLike, *, seed: int = 0) -> np.ndarray:
         ValueError: for fewer than two rows or non-finite values.
     """
     # Imported here: scikit-learn's import costs about a second and most callers never need it.
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     array = _checked_features(features, min_rows=2)
     overlaps = np.ones(array.shape[1])
-    for column_index in range(array.shape[1]):
-        column = array[:, column_index]
-        if np.ptp(column) <= 1e-12 * max(1.0, float(np.abs(column).max())):
-            continue  # constant: one mode, complete overlap
-        mixture = GaussianMixture(n_components=2, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            mixture.fit(column.reshape(-1, 1))  # (N, 1): sklearn wants a 2-D sample matrix
-        means = mixture.means_.ravel()
-        sigmas = np.sqrt(mixture.covariances_.ravel())
-        first = statistics.NormalDist(float(means[0]), float(sigmas[0]))
-        second = statistics.NormalDist(float(means[1]), float(sigmas[1]))
-        overlaps[column_index] = min(1.0, max(0.0, first.overlap(second)))
+    # One thread per fit: a 1-D mixture is tiny, and k-means' thread start-up otherwise costs
+    # about 8x the fit itself (measured: 0.19 s vs 0.025 s on 6000 values).
+    with threadpool_limits(limits=1):
+        for column_index in range(array.shape[1]):
+            overlaps[column_index] = _mixture_overlap(array[:, column_index], seed=seed)
     return overlaps
+
+
+def _mixture_overlap(column: np.ndarray, *, seed: int) -> float:
+    """The overlap of the two normals of a 2-component mixture fitted to one feature."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    if np.ptp(column) <= 1e-12 * max(1.0, float(np.abs(column).max())):
+        return 1.0  # constant: one mode, complete overlap
+    mixture = GaussianMixture(n_components=2, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture.fit(column.reshape(-1, 1))  # (N, 1): sklearn wants a 2-D sample matrix
+    means = mixture.means_.ravel()
+    sigmas = np.sqrt(mixture.covariances_.ravel())
+    first = statistics.NormalDist(float(means[0]), float(sigmas[0]))
+    second = statistics.NormalDist(float(means[1]), float(sigmas[1]))
+    return min(1.0, max(0.0, first.overlap(second)))
 
 
 def contrastiveness(features: ArrayLike, *, seed: int = 0) -> float:

@@ -176,7 +176,11 @@ def _datasets(ctx: _Context) -> dict[str, Any]:
     test = create_dataset(data.dataset, data.root, "test", crop=data.crop)
     mean, std = train.mean_std
     # Cropped CUB-layout images are squashed to a square as the reference code does.
-    squash = bool(data.crop) and data.dataset in {"cub", "travelingbirds", "synthetic"}
+    squash = bool(getattr(train, "crop", data.crop)) and data.dataset in {
+        "cub",
+        "travelingbirds",
+        "synthetic",
+    }
     train.transform = build_transforms(
         train=True, image_size_px=data.image_size_px, mean=mean, std=std, squash=squash
     )
@@ -194,7 +198,7 @@ def _datasets(ctx: _Context) -> dict[str, Any]:
     return ctx.cache["datasets"]  # type: ignore[no-any-return]
 
 
-def _loader(ctx: _Context, split: str, *, train: bool) -> Any:
+def _loader(ctx: _Context, split: str, *, train: bool, distributed: bool | None = None) -> Any:
     from openqpm.training import make_loader
 
     return make_loader(
@@ -203,6 +207,7 @@ def _loader(ctx: _Context, split: str, *, train: bool) -> Any:
         train=train,
         seed=ctx.config.seed,
         num_workers=ctx.config.data.num_workers,
+        distributed=distributed,
     )
 
 
@@ -221,17 +226,22 @@ def check_inputs(config: RunConfig) -> None:
         raise PipelineError("data.root is empty: pass --data-root PATH (the data set folder)")
     if not Path(data.root).exists():
         raise PipelineError(f"data set folder {data.root} does not exist")
-    problems = check_dataset(data.root, data.dataset)
+    # A decoded sample is enough here: `openqpm data check` does the full pass on request.
+    problems = check_dataset(data.root, data.dataset, image_check="sample")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise PipelineError(f"data set {data.root} ({data.dataset}) is not usable:\n  {shown}{more}")
+        raise PipelineError(
+            f"data set {data.root} ({data.dataset}) is not usable:\n  {shown}{more}"
+        )
     if config.model.arch not in backbone_names() and not config.model.arch.startswith("timm:"):
         raise PipelineError(
             f"unknown backbone {config.model.arch!r}; valid: {', '.join(backbone_names())}"
         )
     try:
-        backbone = create_backbone(config.model.arch, reduced_strides=resolved_reduced_strides(config.model))
+        backbone = create_backbone(
+            config.model.arch, reduced_strides=resolved_reduced_strides(config.model)
+        )
     except (KeyError, ValueError, ImportError) as error:
         raise PipelineError(str(error)) from None
     check_size = getattr(backbone, "check_image_size", None)
@@ -466,8 +476,12 @@ def _stage_evaluate(ctx: _Context) -> dict[str, Any]:
 
     config = ctx.config
     datasets = _datasets(ctx)
-    test_loader = _loader(ctx, "test", train=False)
-    train_loader = _loader(ctx, "train_eval", train=False)
+    if not _is_main_process():
+        # Metrics need every image in order: rank 0 evaluates alone, the others wait.
+        _barrier()
+        return {}
+    test_loader = _loader(ctx, "test", train=False, distributed=False)
+    train_loader = _loader(ctx, "train_eval", train=False, distributed=False)
     results: dict[str, Any] = {}
     for name, file in (("dense", "dense.safetensors"), ("qpm", "qpm.safetensors")):
         model = _load_model(ctx.run_dir / file, ctx.device)
@@ -478,6 +492,8 @@ def _stage_evaluate(ctx: _Context) -> dict[str, Any]:
             train_loader,
             device=ctx.device,
             class_attributes=datasets["test"].class_attributes,
+            image_attributes=datasets["train_eval"].image_attributes,
+            part_locations=datasets["test"].part_locations,
             seed=config.seed,
         )
         results[name]["evaluation_time_s"] = round(time.perf_counter() - started, 2)
@@ -500,10 +516,9 @@ def _stage_evaluate(ctx: _Context) -> dict[str, Any]:
             "fine-tuning"
         ),
     }
-    if _is_main_process():
-        atomic_write_text(
-            ctx.run_dir / "metrics.json", json.dumps(_jsonable(results), indent=2, sort_keys=True)
-        )
+    atomic_write_text(
+        ctx.run_dir / "metrics.json", json.dumps(_jsonable(results), indent=2, sort_keys=True)
+    )
     _barrier()
     return {
         "dense_accuracy": results["dense"].get("accuracy"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,33 +473,6 @@ def raise_problems(problems: Sequence[str], *, what: str) -> None:
     shown = "\n  ".join(problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise DatasetError(f"{what} is not usable:\n  {shown}{more}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (temporary file in the same folder + rename)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def find_folder_with(root: Path, relative_marker: str, candidates: Sequence[str]) -> Path | None:
-    """The first of ``root / candidate`` that contains ``relative_marker``, or None."""
-    for candidate in candidates:
-        folder = root / candidate if candidate else root
-        if (folder / relative_marker).exists():
-            return folder
-    return None
 
 
 def readable_class_name(folder_name: str) -> str:

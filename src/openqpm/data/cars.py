@@ -153,7 +153,7 @@ def _mat_records(
         return None
     if key not in data:
         problems.append(
-            f"{path}: no variable {key!r} (found {sorted(k for k in data if not k.startswith('__'))})"
+            f"{path}: no variable {key!r} (found {sorted(k for k in data if k[:2] != '__')})"
         )
         return None
     records = np.atleast_1d(data[key])

@@ -105,6 +105,7 @@ class CubIndex:
 
     @property
     def class_names(self) -> list[str]:
+        """Readable class names (``"Black footed Albatross"``)."""
         return [readable_class_name(folder) for folder in self.class_folders]
 
 
@@ -393,7 +394,8 @@ def read_part_locations(
     bad_part = (part_column < 1) | (part_column > n_parts)
     if bad_part.any():
         problems.append(
-            f"{path}: part ids {np.unique(part_column[bad_part])[:10].tolist()} outside 1..{n_parts}"
+            f"{path}: part ids {np.unique(part_column[bad_part])[:10].tolist()} "
+            f"outside 1..{n_parts}"
         )
     if not np.isin(table[:, 4], (0, 1)).all():
         problems.append(f"{path}: visibility must be 0 or 1")

@@ -213,95 +213,116 @@ def _noisy_distribution(
 
 
 def _design_classes(n_classes: int, rng: np.random.Generator) -> list[_ClassDesign]:
-    """Families of classes: prototypes far apart, members that change one or two groups."""
+    """Families of about five classes: prototypes far apart, members changing 1 or 2 groups."""
     n_families = max(1, round(n_classes / _FAMILY_SIZE))
-    sizes = [
-        n_classes // n_families + (1 if f < n_classes % n_families else 0)
-        for f in range(n_families)
-    ]
-    n_values = [len(ATTRIBUTE_GROUPS[group]) for group in _GROUPS]
+    sizes = [n_classes // n_families + (f < n_classes % n_families) for f in range(n_families)]
     body_colors = rng.permutation(len(_COLORS))
-    variable = list(_VARIABLE_GROUPS)
-    weights = np.array([_VARIABLE_GROUPS[group] for group in variable])
-    weights = weights / weights.sum()
-
     prototypes: list[tuple[int, ...]] = []
     seen: set[tuple[int, ...]] = set()
     designs: list[_ClassDesign] = []
     for family, size in enumerate(sizes):
-        # Prototypes differ from each other in at least 4 groups (relaxed if the space is crowded).
-        for attempt in range(2000):
-            values = [int(rng.integers(n)) for n in n_values]
-            values[_GROUP_INDEX["has_body_color"]] = int(body_colors[family % len(_COLORS)])
-            required = 4 if attempt < 1000 else 2
-            if all(sum(a != b for a, b in zip(values, other)) >= required for other in prototypes):
-                break
-        prototype = tuple(values)
+        prototype = _prototype(rng, prototypes, body_color=int(body_colors[family % len(_COLORS)]))
         prototypes.append(prototype)
+        members = _family_members(rng, prototype, size, seen, eye_pair=family == 0)
+        seen.update(values for values, _ in members)
+        designs += _family_designs(rng, family, prototype, members)
+    return designs
 
-        members: list[tuple[tuple[int, ...], tuple[int, ...]]] = [(prototype, ())]
-        for member in range(1, size):
-            n_changes = 1 if member <= 2 else 2
-            for _ in range(500):
-                if member == 1:
-                    # The "cowbird" pair: a small part alone tells them apart (family 0: the eye).
-                    groups = (
-                        ["has_eye_color"] if family == 0 else [str(rng.choice(_SMALL_PART_GROUPS))]
-                    )
-                else:
-                    picked = rng.choice(len(variable), size=n_changes, replace=False, p=weights)
-                    groups = [variable[int(i)] for i in picked]
-                changed = list(prototype)
-                for group in groups:
-                    g = _GROUP_INDEX[group]
-                    changed[g] = int(
-                        rng.choice([v for v in range(n_values[g]) if v != prototype[g]])
-                    )
-                candidate = tuple(changed)
-                if candidate not in seen and all(candidate != m for m, _ in members):
-                    members.append((candidate, tuple(_GROUP_INDEX[group] for group in groups)))
-                    break
-            else:  # pragma: no cover - the value space is far larger than 400 classes
-                raise RuntimeError("could not design distinct classes")
-        seen.update(m for m, _ in members)
 
-        varied = {g for _, changed_groups in members for g in changed_groups}
-        # Groups the family shares get family-level noise, so that one-attribute pairs differ in
-        # the varied group only, also in their continuous attributes.
-        # Colours vary less than shapes and patterns, so that a family keeps its look.
-        shared_noise = {
-            g: _noisy_distribution(
-                rng,
-                n_values[g],
-                prototype[g],
-                low=0.85 if _GROUPS[g].endswith("_color") else 0.8,
-                pure_chance=0.7 if _GROUPS[g].endswith("_color") else 0.5,
-            )
-            for g in range(len(_GROUPS))
-            if g not in varied
-        }
-        noun = _FAMILY_NOUNS[family % len(_FAMILY_NOUNS)]
-        if family >= len(_FAMILY_NOUNS):
-            noun = f"{noun} {family // len(_FAMILY_NOUNS) + 1}"
-        for values_tuple, changed_groups in members:
-            probabilities = []
-            for g in range(len(_GROUPS)):
-                if g in varied:
-                    distribution = _noisy_distribution(
-                        rng, n_values[g], values_tuple[g], low=0.9, pure_chance=0.6
-                    )
-                else:
-                    distribution = shared_noise[g]
-                probabilities.append(distribution)
-            if changed_groups:
-                adjectives = [
-                    _ADJECTIVES[_GROUPS[g]][ATTRIBUTE_GROUPS[_GROUPS[g]][values_tuple[g]]]
-                    for g in sorted(changed_groups)
-                ]
-                name = " ".join([*adjectives, noun])
+def _prototype(
+    rng: np.random.Generator, others: list[tuple[int, ...]], *, body_color: int
+) -> tuple[int, ...]:
+    """A random combination that differs from every earlier prototype in at least 4 groups."""
+    for attempt in range(2000):
+        values = [int(rng.integers(len(ATTRIBUTE_GROUPS[group]))) for group in _GROUPS]
+        values[_GROUP_INDEX["has_body_color"]] = body_color
+        required = 4 if attempt < 1000 else 2  # relaxed when the space gets crowded
+        if all(sum(a != b for a, b in zip(values, other)) >= required for other in others):
+            break
+    return tuple(values)
+
+
+def _family_members(
+    rng: np.random.Generator,
+    prototype: tuple[int, ...],
+    size: int,
+    seen: set[tuple[int, ...]],
+    *,
+    eye_pair: bool,
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The prototype and ``size - 1`` variants of it, as ``(values, changed group indices)``.
+
+    Members 1 and 2 change one group (each forms a one-attribute pair with the prototype;
+    member 1 changes a small part, the eye colour when ``eye_pair``, like the cowbirds), later
+    members change two groups. Every combination is new (not in ``seen``).
+    """
+    variable = list(_VARIABLE_GROUPS)
+    weights = np.array([_VARIABLE_GROUPS[group] for group in variable])
+    members: list[tuple[tuple[int, ...], tuple[int, ...]]] = [(prototype, ())]
+    for member in range(1, size):
+        for _ in range(500):
+            if member == 1:
+                groups = ["has_eye_color"] if eye_pair else [str(rng.choice(_SMALL_PART_GROUPS))]
             else:
-                name = f"Common {noun}"
-            designs.append(_ClassDesign(name, family, values_tuple, tuple(probabilities)))
+                n_changes = 1 if member == 2 else 2
+                picked = rng.choice(
+                    len(variable), n_changes, replace=False, p=weights / weights.sum()
+                )
+                groups = [variable[int(i)] for i in picked]
+            values = list(prototype)
+            for group in groups:
+                g = _GROUP_INDEX[group]
+                others = [v for v in range(len(ATTRIBUTE_GROUPS[group])) if v != prototype[g]]
+                values[g] = int(rng.choice(others))
+            candidate = tuple(values)
+            if candidate not in seen and all(candidate != m for m, _ in members):
+                members.append((candidate, tuple(_GROUP_INDEX[group] for group in groups)))
+                break
+        else:  # pragma: no cover - the value space is far larger than 400 classes
+            raise RuntimeError("could not design distinct classes")
+    return members
+
+
+def _family_designs(
+    rng: np.random.Generator,
+    family: int,
+    prototype: tuple[int, ...],
+    members: list[tuple[tuple[int, ...], tuple[int, ...]]],
+) -> list[_ClassDesign]:
+    """Names and value probabilities of a family's classes."""
+    n_values = [len(ATTRIBUTE_GROUPS[group]) for group in _GROUPS]
+    varied = {g for _, changed in members for g in changed}
+    # Groups the family shares get the same noise in every member, so that one-attribute pairs
+    # differ in the varied group only, in their continuous attributes too. Colours vary less
+    # than shapes and patterns, so that a family keeps its look.
+    shared_noise = {
+        g: _noisy_distribution(
+            rng,
+            n_values[g],
+            prototype[g],
+            low=0.85 if _GROUPS[g].endswith("_color") else 0.8,
+            pure_chance=0.7 if _GROUPS[g].endswith("_color") else 0.5,
+        )
+        for g in range(len(_GROUPS))
+        if g not in varied
+    }
+    noun = _FAMILY_NOUNS[family % len(_FAMILY_NOUNS)]
+    if family >= len(_FAMILY_NOUNS):
+        noun = f"{noun} {family // len(_FAMILY_NOUNS) + 1}"
+    designs = []
+    for values, changed in members:
+        probabilities = tuple(
+            _noisy_distribution(rng, n_values[g], values[g], low=0.9, pure_chance=0.6)
+            if g in varied
+            else shared_noise[g]
+            for g in range(len(_GROUPS))
+        )
+        adjectives = [
+            _ADJECTIVES[_GROUPS[g]][ATTRIBUTE_GROUPS[_GROUPS[g]][values[g]]]
+            for g in sorted(changed)
+        ]
+        name = " ".join([*adjectives, noun]) if adjectives else f"Common {noun}"
+        designs.append(_ClassDesign(name, family, values, probabilities))
     return designs
 
 
@@ -310,7 +331,7 @@ def _design_classes(n_classes: int, rng: np.random.Generator) -> list[_ClassDesi
 # Creature coordinates: body length 1, facing +x, y pointing down (image convention).
 _BODY = (0.0, 0.0, 0.5, 0.29)  # centre x, y, semi-axes a, b
 _HEAD = (0.47, -0.30, 0.21)  # centre x, y, radius
-_EYE = (0.555, -0.345, 0.078)
+_EYE = (0.56, -0.35, 0.09)
 _CROWN = (0.45, -0.49)
 _WING = (-0.1, -0.08, 0.3, 0.13, math.radians(-10.0))  # centre, semi-axes, tilt
 _BEAKS = {
@@ -336,7 +357,7 @@ _CREST = ((0.30, -0.42), (0.24, -0.70), (0.41, -0.50), (0.43, -0.78), (0.53, -0.
 _LEG_X = (0.07, -0.10)
 _LEG_TOP = 0.2
 _LEG_LENGTH = {"short": 0.17, "long": 0.33}
-_LEG_WIDTH = 0.06
+_LEG_WIDTH = 0.07
 # How far (in body lengths) an occluder must reach around each part's centre to hide it.
 _PART_RADIUS = {
     "head": 0.27,
@@ -393,10 +414,13 @@ def _shade(color: Sequence[float], factor: float) -> ColorRGB:
     return r, g, b
 
 
+def _luminance(color: ColorRGB) -> float:
+    return 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+
+
 def _pattern_color(color: ColorRGB) -> ColorRGB:
     """A contrasting shade for stripes, spots, bars: darker on light colours, lighter on dark."""
-    luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-    if luminance > 100:
+    if _luminance(color) > 100:
         return _shade(color, 0.42)
     r, g, b = (round(0.45 * channel + 0.55 * 235) for channel in color)
     return r, g, b
@@ -573,7 +597,7 @@ def _creature_shapes(
         ]
         shapes += [("pattern", band, _pattern_color(wing_color)) for band in bands]
     elif value("has_wing_pattern") == "tipped":
-        tip = _ellipse_band(*_WING[:4], -_WING[2], -0.1, tilt=_WING[4])
+        tip = _ellipse_band(*_WING[:4], -_WING[2], -0.02, tilt=_WING[4])
         shapes.append(("pattern", tip, _pattern_color(wing_color)))
 
     head_color = color("has_head_color")
@@ -616,7 +640,7 @@ def _place(
     Returns:
         The pose and the creature's polygon points on the canvas, ``(n, 2)``.
     """
-    scale = float(rng.uniform(0.36, 0.46)) * canvas_size
+    scale = float(rng.uniform(0.40, 0.50)) * canvas_size
     angle = math.radians(float(rng.uniform(-25.0, 25.0)))
     flip = float(rng.choice([-1.0, 1.0]))
     centred = _Pose(scale, angle, flip, 0.0, 0.0)
@@ -664,13 +688,16 @@ def _render_creature(
         draw.line(perch.ravel().tolist(), fill=perch_color, width=max(1, int(0.06 * pose.scale)))
     for part, polygon, fill in shapes:
         outline = None if part == "pattern" else _shade(fill, 0.55)
-        draw.polygon(
-            pose.apply(polygon).ravel().tolist(), fill=fill, outline=outline, width=outline_width
-        )
+        width = outline_width
+        if part == "eye":
+            # A contrasting ring keeps the eye visible on a head of its own colour.
+            outline = (20, 20, 20) if _luminance(fill) > 100 else (235, 235, 235)
+            width = max(1, round(0.025 * pose.scale))
+        draw.polygon(pose.apply(polygon).ravel().tolist(), fill=fill, outline=outline, width=width)
 
     part_points = pose.apply(np.array([centres[part] for part in PARTS]))  # (n_parts, 2)
     visible = np.ones(len(PARTS), dtype=bool)
-    if rng.random() < 0.15:  # a leaf in front of one part
+    if rng.random() < 0.1:  # a leaf in front of one part
         hidden = str(rng.choice(list(_PART_RADIUS)))
         radius = _PART_RADIUS[hidden] * float(rng.uniform(1.15, 1.4)) * pose.scale
         centre = part_points[_PART_INDEX[hidden]] + rng.normal(0.0, 0.03 * pose.scale, size=2)
@@ -969,7 +996,8 @@ def _write_index_files(
     write(
         "parts/part_locs.txt",
         [
-            f"{i} {p + 1} {_format_float(r.parts[p, 0])} {_format_float(r.parts[p, 1])} {int(r.parts[p, 2])}\n"
+            f"{i} {p + 1} {_format_float(r.parts[p, 0])} {_format_float(r.parts[p, 1])} "
+            f"{int(r.parts[p, 2])}\n"
             for i, r in zip(image_ids, records)
             for p in range(len(PARTS))
         ],

@@ -103,7 +103,7 @@ def _locate(
 def _split_rows(
     fixed: Path, index: CubIndex, split: str, problems: list[str]
 ) -> tuple[np.ndarray, list[Path]]:
-    """The CUB rows of ``split`` found in ``CUB_fixed/<split>``, ascending by id, and their files."""
+    """The CUB rows of ``split`` found in ``CUB_fixed/<split>`` (ascending ids) and their files."""
     row_of = {relative: row for row, relative in enumerate(index.relative_paths)}
     split_folder = fixed / split
     found: dict[int, Path] = {}

@@ -96,9 +96,10 @@ figure.tile {
 }
 figure.tile img { display: block; width: 176px; height: 176px; image-rendering: auto; }
 figure.tile figcaption { padding: 6px 9px 8px; font-size: 13px; line-height: 1.35; }
-figure.tile figcaption .val {
-  float: right; font-variant-numeric: tabular-nums; color: var(--muted);
+figure.tile figcaption .cap-top {
+  display: flex; justify-content: space-between; align-items: center; gap: 6px;
 }
+figure.tile figcaption .val { font-variant-numeric: tabular-nums; color: var(--muted); }
 .ok { color: var(--good); font-weight: 600; }
 .wrong { color: var(--bad); font-weight: 600; }
 .bars { display: grid; grid-template-columns: minmax(120px, 240px) 1fr 64px; gap: 5px 10px;

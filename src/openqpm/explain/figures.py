@@ -214,10 +214,11 @@ def class_comparison_figure(
     if len(images) != 2 or len(feature_maps) != 2 or len(class_names) != 2:
         raise ValueError("class_comparison_figure needs exactly two images, maps and names")
     columns = [*first_only, *shared, *second_only]
+    # column titles stay within their column: long class names are shortened
     kinds = (
-        [f"{class_names[0]} only"] * len(first_only)
+        [_short(f"{class_names[0]} only", 24)] * len(first_only)
         + ["shared"] * len(shared)
-        + [f"{class_names[1]} only"] * len(second_only)
+        + [_short(f"{class_names[1]} only", 24)] * len(second_only)
     )
     labels = _labels(feature_maps[0].shape[0], feature_labels)
     n_columns = 1 + len(columns)
@@ -260,7 +261,7 @@ def class_comparison_figure(
         top = axes[0, column]
         top.set_title(
             f"{kinds[column - 1]}\n{labels[feature]}",
-            fontsize=9,
+            fontsize=8,
             color=tuple(float(c) for c in color),
             fontweight="bold",
         )

@@ -695,8 +695,9 @@ def _class_page(context: _Context, class_index: int) -> str:
                 example,
                 d,
                 root,
-                f'{context.feature_chip(d, root)}<span class="val">{local.features[d]:+.2f}</span>'
-                f'<br><span class="muted">used by '
+                f'<div class="cap-top">{context.feature_chip(d, root)}<span class="val">'
+                f"{local.features[d]:+.2f}</span></div>"
+                f'<span class="muted">used by '
                 f"{_count(len(explanation.feature_classes[d]), 'class')}</span>",
             )
             for d in features
@@ -745,8 +746,8 @@ one</div></div>
                 mistake,
                 separating,
                 root,
-                f'{context.feature_chip(separating, root)}<span class="val">'
-                f"{local.features[separating]:+.2f}</span>",
+                f'<div class="cap-top">{context.feature_chip(separating, root)}'
+                f'<span class="val">{local.features[separating]:+.2f}</span></div>',
             )
         sections.append(
             f"""<section class="card"><h2>A mistake</h2>
@@ -812,12 +813,13 @@ def _feature_page(context: _Context, feature: int) -> str:
                 index,
                 feature,
                 root,
-                f'{context.class_link(true_class, root)} {mark}<span class="val">'
-                f"{scan.features[index, feature]:+.2f}</span>",
+                f'<div class="cap-top"><span>{context.class_link(true_class, root)} {mark}</span>'
+                f'<span class="val">{scan.features[index, feature]:+.2f}</span></div>',
             )
         )
     means = context.class_means[:, feature]  # (n_c,), NaN for classes without test images
-    order = [int(c) for c in np.argsort(-np.nan_to_num(means, nan=-np.inf), kind="stable")[:10]]
+    ranked = np.argsort(-np.nan_to_num(means, nan=-np.inf), kind="stable")
+    order = [int(c) for c in ranked if np.isfinite(means[c])][:10]  # classes with test images
     finite = means[np.isfinite(means)]
     low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
     span = max(high - low, 1e-9)
@@ -885,5 +887,5 @@ loading="lazy"></div>"""
         "the features only the second uses.",
         body=body,
         root="",
-        crumbs='<a href="index.html#pairs">← report</a>',
+        crumbs=f'<a href="index.html{"#pairs" if pairs else ""}">← report</a>',
     )

@@ -203,11 +203,8 @@ class QPMHead(nn.Module):
 
     def select_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
         """The selected maps (B, K, h, w) out of the backbone's (B, n_f, h, w)."""
-        if int(self.selected_features.max()) >= feature_maps.shape[1]:
-            raise ValueError(
-                f"QPMHead selects channel {int(self.selected_features.max())} but the maps "
-                f"have only {feature_maps.shape[1]} channels"
-            )
+        # No range check here: it would cost a device sync per batch; QPMModel checks the
+        # selection against the backbone once, and index_select fails on a bad index anyway.
         return feature_maps.index_select(1, self.selected_features)  # (B, K, h, w)
 
     def pre_logits(self, feature_maps: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ Formulation (maximise; ``scale`` = 1000 / (n_per_class * n_c), K = n_features, k
          every class a distinct set (lazily, see below).
 
 For a fixed binary s the x-part is a uniform-matroid polytope (integral), so only s is declared
-integer; x of the classes that ever collided become integer when their distinctness cut is added.
-The paper's iterative relaxation exists only because of its bilinear form W * s: here "exactly k
-per class" is linear from the start.
+integer; an x that the distinctness cuts leave fractional only makes the relaxation overrate a
+selection, which the exact re-evaluation below catches. The paper's iterative relaxation exists
+only because of its bilinear form W * s: here "exactly k per class" is linear from the start.
 
 Strengthening, each step valid for every feasible solution, so the bound stays a true bound:
 
@@ -37,16 +37,19 @@ Strengthening, each step valid for every feasible solution, so the bound stays a
   set T, and it implies the pairwise cut sum_{d in T} (x[c,d] + x[c',d]) <= 2k - 1 for every pair of
   G. (That pairwise cut is *wrong* in a formulation where classes may have more than k features,
   as in the paper's relaxation: a class with T plus one more feature would be cut off. Here every
-  class has exactly k.) Re-solved warm-started until no duplicate remains.
+  class has exactly k.) HiGHS has no lazy-constraint callback: a branch and bound run is
+  interrupted when it finds a selection the relaxation overrates, the best sets the classes of that
+  selection share are cut, or, if they all are, the selection (now evaluated exactly) is excluded,
+  and the run restarts warm from the incumbent.
 
 The incumbent is a selection; its value is always recomputed exactly with the optimal distinct
 assignment of :func:`openqpm.solver.search.assign_classes`, never read off the relaxation.
 
 Example:
-    >>> from openqpm.solver.instances import make_instance
-    >>> problem = make_instance("tiny", seed=0)
+    >>> from openqpm.solver.instances import generate_instance
+    >>> problem = generate_instance(16, 6, 5, 2, seed=0, bias="none")
     >>> result = solve_milp(problem, time_limit_s=30)
-    >>> result.gap is not None and result.gap < 1e-6
+    >>> result.gap is not None and result.gap < 1e-6  # optimum proven
     True
 """
 
@@ -76,7 +79,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["MilpOptions", "distinct_set_cut_holds", "solve_milp"]
 
 
-
 @dataclass(frozen=True)
 class MilpOptions:
     """Tuning of :func:`solve_milp`; the defaults are what the benchmark measured.
@@ -85,8 +87,10 @@ class MilpOptions:
         search_share: Share of the time limit for the structured search when no ``start`` is
             given (the MILP is a poor first-solution finder at scale).
         max_search_s: Cap on that search's time.
-        root_share: Share of the remaining time for the root phase (pricing, depth, cuts) before
-            branching starts.
+        root_share: Share of the remaining time for the root phase (cuts) before branching
+            starts, when the model is full (small problems: branching is what proves them).
+        root_share_priced: The same when features are priced in (large problems: the root
+            bound is what the time buys; branching on hundreds of features barely moves it).
         full_model_max_columns: Up to this many class-feature pairs (n_c * n_f) the model holds
             every feature and every pair from the start (no pricing, no tails).
         initial_features_per_selected: Initial feature set size, in multiples of n_features.
@@ -102,7 +106,8 @@ class MilpOptions:
 
     search_share: float = 0.15
     max_search_s: float = 10.0
-    root_share: float = 0.6
+    root_share: float = 0.3
+    root_share_priced: float = 0.9
     full_model_max_columns: int = 20_000
     initial_features_per_selected: float = 3.0
     initial_depth_per_class: float = 2.0
@@ -418,7 +423,9 @@ class _Relaxation:
             if new >= self.n_all:
                 self.col_upper[column] = 0.0
                 self.highs.changeColBounds(column, 0.0, 0.0)
-        self._add_x(np.array(added_classes, dtype=np.int64), np.array(added_features, dtype=np.int64))
+        self._add_x(
+            np.array(added_classes, dtype=np.int64), np.array(added_features, dtype=np.int64)
+        )
         self._csc = None
         return len(added_classes)
 
@@ -469,9 +476,7 @@ class _Relaxation:
             entries.append((np.array(columns), np.array([1.0] + [-1.0] * len(feature_set))))
         # z_c - sum_{d in T} x[c,d] >= 1 - k
         self._add_rows(np.full(len(group), 1.0 - k), np.full(len(group), np.inf), entries)
-        self._add_rows(
-            np.array([-np.inf]), np.array([1.0]), [(z_columns, np.ones(len(group)))]
-        )
+        self._add_rows(np.array([-np.inf]), np.array([1.0]), [(z_columns, np.ones(len(group)))])
         return True
 
     def add_no_good(self, selection: Sequence[int]) -> None:
@@ -604,7 +609,7 @@ class _Relaxation:
     def start_vector(self, selection: Sequence[int], class_features: list[list[int]]) -> np.ndarray:
         """A full column vector for a solution, for HiGHS's warm start."""
         values = np.zeros(len(self.cost))
-        selected = set(int(d) for d in selection)
+        selected = {int(d) for d in selection}
         for d in selected:
             if self.feature_column[d] >= 0:
                 values[self.feature_column[d]] = 1.0
@@ -621,7 +626,7 @@ class _Relaxation:
             if d in selected and e in selected:
                 values[column] = 1.0
         for column, c, feature_set in self.distinct_indicators:
-            values[column] = float(set(feature_set) == set(int(d) for d in class_features[c]))
+            values[column] = float(set(feature_set) == {int(d) for d in class_features[c]})
         return values
 
 
@@ -669,7 +674,7 @@ def _separate_cliques(
         if key in cuts:
             continue
         total = float(values[members].sum())
-        t = int(math.floor(total))
+        t = math.floor(total)
         if t < 1:
             continue
         paid = sum(
@@ -808,7 +813,8 @@ def solve_milp(
 
     Returns:
         The best solution found, ``method="milp"``, with ``bound`` a proven upper bound on the
-        optimum and ``gap`` the relative gap (0 when optimality is proven).
+        optimum and ``gap`` the relative gap (0 when optimality is proven); both None only when
+        the time ran out before the first relaxation was solved.
 
     Raises:
         ValueError: If ``time_limit_s`` is not positive or ``start`` is not a valid selection.
@@ -818,12 +824,13 @@ def solve_milp(
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
     options = options or MilpOptions()
     clock = _Clock(float(time_limit_s))
-    state = _start_state(
-        problem, clock, start=start, seed=seed, progress=progress, options=options
-    )
+    state = _start_state(problem, clock, start=start, seed=seed, progress=progress, options=options)
     _run(problem, state, seed=seed, options=options)
-    bound = max(state.bound, state.objective)
-    if bound - state.objective <= 1e-9 * max(1.0, abs(state.objective)):
+    bound: float | None = max(state.bound, state.objective)
+    if bound is not None and math.isinf(bound):
+        bound = None  # the time ran out before the first relaxation was solved
+        state.note("no bound: the time ran out before the first relaxation")
+    elif bound is not None and bound - state.objective <= 1e-9 * max(1.0, abs(state.objective)):
         bound = state.objective  # proven optimal up to round-off
     return Assignment(
         selected_features=state.selection,
@@ -837,7 +844,11 @@ def solve_milp(
     )
 
 
-def _initial_model(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpOptions) -> _Relaxation:
+def _initial_model(
+    problem: AssignmentProblem, state: _State, *, seed: int, options: MilpOptions
+) -> _Relaxation:
+    """The starting model: everything for small problems; for large ones the incumbent's
+    features plus those worth most at the incumbent's class prices, with short class lists."""
     n_all, n_classes = problem.n_all_features, problem.n_classes
     full = n_all * n_classes <= options.full_model_max_columns
     if full:
@@ -845,7 +856,7 @@ def _initial_model(problem: AssignmentProblem, state: _State, *, seed: int, opti
         features = list(range(n_all))
     else:
         expected = n_all * problem.n_per_class / problem.n_features
-        depth = np.full(n_classes, int(math.ceil(options.initial_depth_per_class * expected)))
+        depth = np.full(n_classes, math.ceil(options.initial_depth_per_class * expected))
         # prices from the incumbent: each class's k-th best value inside the selection
         selected_values = np.sort(problem.A[:, state.selection], axis=1)  # (n_c, K)
         theta = problem.class_scale * selected_values[:, -problem.n_per_class]
@@ -862,9 +873,14 @@ def _initial_model(problem: AssignmentProblem, state: _State, *, seed: int, opti
 
 
 def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpOptions) -> None:
+    """Root phase (pricing, class depth, cuts), reduced-cost fixing, then branch and bound."""
     clock = state.clock
     model = _initial_model(problem, state, seed=seed, options=options)
-    root_time_s = clock.left() * options.root_share
+    full = (
+        model.depth.min() >= problem.n_all_features
+        and len(model.features) == problem.n_all_features
+    )
+    root_time_s = clock.left() * (options.root_share if full else options.root_share_priced)
     root_started = clock.elapsed()
     last: _LpResult | None = None
     history: list[float] = []
@@ -936,6 +952,8 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
     # with s[d] = 1 forced, the Lagrangian bound drops by -rc (rc < 0): below the incumbent, no
     # solution with d can beat it
     out = features[bound + np.minimum(feature_reduced, 0.0) < state.objective]
+    # the incumbent's own features cannot qualify; round-off must not make them
+    out = np.setdiff1d(out, state.selection)
     model.fix_out(out.tolist())
     state.note(f"reduced-cost fixing: {out.size} of {features.size} features fixed to 0")
     _branch_and_bound(problem, state, model, bound, excluded, seed=seed)
@@ -967,9 +985,7 @@ def _branch_and_bound(
     excluded = excluded_reduced_costs[np.isfinite(excluded_reduced_costs)]
     # a solution using left-out features E is worth at most L_F + sum_{d in E} rc_d with
     # L_F = root bound - sum of positive rc, and E holds at least one feature
-    outside_bound = (
-        root_bound + min(0.0, float(excluded.max())) if excluded.size else -math.inf
-    )
+    outside_bound = root_bound + min(0.0, float(excluded.max())) if excluded.size else -math.inf
     tolerance = 1e-7 * max(1.0, abs(state.objective))
     overrated: list[list[int]] = []
     run_started = [time.perf_counter()]
@@ -997,7 +1013,8 @@ def _branch_and_bound(
     def settle(selection: Sequence[int]) -> tuple[int, int]:
         """Cut the collisions of a selection, or exclude it; returns (cuts, exclusions)."""
         added = 0
-        for group, feature_set in _anticipated_duplicates(problem, selection, n_sets_per_class=3):
+        groups = _anticipated_duplicates(problem, selection, n_sets_per_class=3)
+        for group, feature_set in groups:
             key = (tuple(group), tuple(feature_set))
             if key not in model.distinct_keys:
                 model.distinct_keys.add(key)
@@ -1009,7 +1026,7 @@ def _branch_and_bound(
 
     cuts, _ = settle(state.selection)
     state.note(f"branch and bound: {cuts} distinctness cuts anticipated from the incumbent")
-    highs.setCallback(callback, None)
+    highs.setCallback(callback, None)  # type: ignore[arg-type]
     highs.startCallback(callback_type.kCallbackMipImprovingSolution)
     highs.startCallback(callback_type.kCallbackMipInterrupt)
     try:

@@ -50,18 +50,21 @@ __all__ = [
 ]
 
 # unit kinds, in the order of LatentWorld.unit_kind codes
-UNIT_KINDS = ("attribute", "class_detector", "copy", "nuisance", "dead")
-_ATTRIBUTE, _DETECTOR, _COPY, _NUISANCE, _DEAD = range(len(UNIT_KINDS))
+UNIT_KINDS = ("attribute", "family", "class_detector", "copy", "nuisance", "dead")
+_ATTRIBUTE, _FAMILY, _DETECTOR, _COPY, _NUISANCE, _DEAD = range(len(UNIT_KINDS))
 
 # share of each unit kind among the n_f units; attribute units take the rest. A trained ResNet has
 # a few dead channels, many redundant ones (the reason the paper penalises R) and some that
 # respond to backgrounds rather than birds.
 _DEAD_SHARE = 0.01
-_NUISANCE_SHARE = 0.12
-_DETECTOR_SHARE = 0.10
+_NUISANCE_SHARE = 0.10
+_DETECTOR_SHARE = 0.08
 _COPY_SHARE = 0.18
+_FAMILY_SHARE = 0.30
 
 _N_BACKGROUND = 8  # dimensions of the per-image background vector
+_CONJUNCTION_THRESHOLD = 0.8  # drive subtracted per extra excitatory input of an attribute unit
+_NOISE_RANGE = (0.1, 0.4)  # per-unit noise standard deviation
 _MAP_SIZE = 7  # ResNet-50 maps at 224 px without reduced strides are 7 x 7
 
 
@@ -135,7 +138,7 @@ class LatentWorld:
     noise: np.ndarray
     locality: np.ndarray
     border_rate: np.ndarray
-    detector_reliability: float = 0.75
+    detector_reliability: float = 0.5
 
     @property
     def n_classes(self) -> int:
@@ -163,8 +166,9 @@ class LatentWorld:
         labels = np.asarray(labels, dtype=np.int64)
         batch = labels.size
         n_all = self.n_all_features
-        shown = rng.random((batch, self.attribute_probability.shape[1])) < (
-            self.attribute_probability[labels]
+        shown = (
+            rng.random((batch, self.attribute_probability.shape[1]))
+            < (self.attribute_probability[labels])
         )  # (B, n_attr)
         background = rng.normal(size=(batch, self.background_weights.shape[1]))  # (B, n_bg)
         detected = np.zeros((batch, self.n_classes))  # (B, n_c), one-hot where the detector fires
@@ -257,6 +261,7 @@ def make_world(n_all_features: int, n_classes: int, *, seed: int = 0) -> LatentW
         _NUISANCE: int(_NUISANCE_SHARE * n_all_features),
         _DETECTOR: int(min(n_classes, _DETECTOR_SHARE * n_all_features)),
         _COPY: int(_COPY_SHARE * n_all_features),
+        _FAMILY: int(_FAMILY_SHARE * n_all_features),
     }
     counts[_ATTRIBUTE] = n_all_features - sum(counts.values())
     unit_kind = np.concatenate([np.full(counts[kind], kind) for kind in range(len(UNIT_KINDS))])
@@ -266,7 +271,15 @@ def make_world(n_all_features: int, n_classes: int, *, seed: int = 0) -> LatentW
     class_weights = np.zeros((n_all_features, n_classes))
     background_weights = np.zeros((n_all_features, _N_BACKGROUND))
     copy_source = np.full(n_all_features, -1, dtype=np.int64)
-    originals = np.flatnonzero((unit_kind == _ATTRIBUTE) | (unit_kind == _DETECTOR))
+    conjunction = np.zeros(n_all_features)
+    originals = np.flatnonzero(
+        (unit_kind == _ATTRIBUTE) | (unit_kind == _FAMILY) | (unit_kind == _DETECTOR)
+    )
+    n_families = family
+    # attributes most members of a family show: what a family unit can key on
+    family_share = np.zeros((n_families, n_attributes))  # (n_families, n_attr)
+    np.add.at(family_share, class_family, has_attribute.astype(np.float64))
+    family_share /= np.bincount(class_family, minlength=n_families)[:, None]
     for unit, kind in enumerate(unit_kind):
         if kind == _ATTRIBUTE:
             n_inputs = int(rng.integers(1, 4))
@@ -274,9 +287,22 @@ def make_world(n_all_features: int, n_classes: int, *, seed: int = 0) -> LatentW
             # mostly excitatory; now and then an attribute inhibits the unit
             sign = np.where(rng.random(n_inputs) < 0.15, -0.5, 1.0)
             attribute_weights[unit, inputs] = rng.uniform(0.5, 1.5, n_inputs) * sign
+            # a unit with several inputs fires mostly on their conjunction, which makes it
+            # specific to few classes, as trained features are
+            conjunction[unit] = _CONJUNCTION_THRESHOLD * float(np.clip(sign, 0, 1).sum() - 1)
+            background_weights[unit] = rng.normal(0.0, 0.15, _N_BACKGROUND)
+        elif kind == _FAMILY:
+            chosen_family = int(rng.integers(n_families))
+            typical = np.flatnonzero(family_share[chosen_family] >= 0.5)
+            if typical.size == 0:
+                typical = np.arange(n_attributes)
+            n_inputs = min(int(typical.size), int(rng.integers(2, 4)))
+            inputs = rng.choice(typical, n_inputs, replace=False)
+            attribute_weights[unit, inputs] = rng.uniform(0.8, 1.5, n_inputs)
+            conjunction[unit] = _CONJUNCTION_THRESHOLD * (n_inputs - 1)
             background_weights[unit] = rng.normal(0.0, 0.15, _N_BACKGROUND)
         elif kind == _DETECTOR:
-            class_weights[unit, rng.integers(n_classes)] = rng.uniform(1.0, 2.0)
+            class_weights[unit, rng.integers(n_classes)] = rng.uniform(0.5, 1.0)
             background_weights[unit] = rng.normal(0.0, 0.15, _N_BACKGROUND)
         elif kind == _NUISANCE:
             background_weights[unit] = rng.normal(0.0, 1.0, _N_BACKGROUND)
@@ -293,8 +319,8 @@ def make_world(n_all_features: int, n_classes: int, *, seed: int = 0) -> LatentW
         copy_source=copy_source,
         copy_gain=rng.uniform(0.7, 1.3, n_all_features),
         gain=rng.uniform(0.5, 2.0, n_all_features),
-        offset=rng.normal(-0.3, 0.3, n_all_features),
-        noise=rng.uniform(0.2, 0.8, n_all_features),
+        offset=rng.normal(-0.3, 0.3, n_all_features) - conjunction,
+        noise=rng.uniform(_NOISE_RANGE[0], _NOISE_RANGE[1], n_all_features),
         locality=rng.beta(2.0, 2.0, n_all_features),
         border_rate=rng.beta(1.0, 4.0, n_all_features),
     )

@@ -15,10 +15,11 @@ Two observations make the problem a search over selections only:
    The relaxed value is an upper bound on the exact one, so a swap whose relaxed value does not beat
    the current exact value can be skipped without evaluating it.
 
-The search: a greedy start (or a given start), best-improvement swap descent with exact evaluation
-of the promising swaps, then iterated perturbation (random kicks followed by descent) until the time
-or iteration limit. Everything random comes from one seeded generator, so for a fixed
-``max_iterations`` the result does not depend on the wall clock.
+The search: a greedy start (or a given start), descent on the relaxed value, then best-improvement
+swap descent on the exact value (only the promising swaps are evaluated exactly), then iterated
+"ruin and recreate" (drop a few random features, refill greedily with some randomness, descend)
+with occasional full restarts, until the time or iteration limit. Everything random comes from one
+seeded generator, so for a fixed ``max_iterations`` the result does not depend on the wall clock.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ __all__ = ["assign_classes", "solve_search"]
 _IMPROVEMENT_RTOL = 1e-9
 # at most this many swaps are evaluated exactly per descent step when duplicates make the relaxed
 # ranking imprecise; a heuristic cap that keeps one step cheap at ImageNet scale
-_MAX_EXACT_EVALUATIONS_PER_STEP = 24
-# perturbation: each kick swaps 1..max(2, n_features // _KICK_DIVISOR) features, each swap drawn
-# among the _KICK_CHOICES best relaxed swaps; a restart follows _RESTART_AFTER rounds without a
-# new best
-_KICK_DIVISOR = 8
-_KICK_CHOICES = 10
-_RESTART_AFTER = 30
+_MAX_EXACT_EVALUATIONS_PER_STEP = 8
+# perturbation ("ruin and recreate"): drop 1..max(2, _RUIN_SHARE * n_features) random features of
+# the current selection and refill it greedily, each pick among the _GREEDY_CHOICES best; after
+# _RESTART_AFTER rounds without a new best, rebuild the whole selection that way; a round's result
+# becomes the current selection unless it is worse than both the current one and the best minus
+# _ACCEPT_WORSE_SHARE of its size. Chosen on generated CUB-scale problems (30 s, 2 seeds): plain
+# swap kicks and no restarts stalled ~1.9 % below this setting, restarts alone ~0.7 % below.
+_RUIN_SHARE = 0.2
+_GREEDY_CHOICES = 3
+_RESTART_AFTER = 10
+_ACCEPT_WORSE_SHARE = 0.004
 # bound on the memo of evaluated selections (a few hundred bytes each)
 _MAX_REMEMBERED_SELECTIONS = 200_000
 
@@ -554,18 +559,19 @@ class _Searcher:
         gains[:, selected] = -np.inf
         return gains
 
-    def greedy(self, *, n_choices: int) -> np.ndarray:
+    def greedy(self, *, n_choices: int, kept: np.ndarray | None = None) -> np.ndarray:
         """Build a selection feature by feature, each time adding one of the ``n_choices`` best.
 
         The gain of a feature is its relaxed marginal value: for each class the amount by which it
         beats the class's current k-th best (0 while the class has fewer than k, so that early
         picks are judged by their positive correlations), plus its bias, minus its redundancy with
-        the features already chosen.
+        the features already chosen. ``kept`` features are chosen first (ruin and recreate).
         """
-        chosen: list[int] = []
+        chosen: list[int] = [] if kept is None else [int(d) for d in kept]
         available = np.ones(self.n_all, dtype=bool)
-        redundancy_with = np.zeros(self.n_all)
-        for _ in range(self.n_selected):
+        available[chosen] = False
+        redundancy_with = self.R[:, chosen].sum(axis=1) if chosen else np.zeros(self.n_all)
+        while len(chosen) < self.n_selected:
             if len(chosen) < self.k:
                 kth = np.zeros(self.n_classes)
             else:
@@ -620,20 +626,6 @@ class _Searcher:
                 return current
         return current
 
-    def kick(self, current: _Evaluation, *, n_swaps: int, n_choices: int) -> np.ndarray:
-        """A perturbed selection: ``n_swaps`` random swaps, each among the best relaxed ones."""
-        selected = current.selected.copy()
-        for _ in range(n_swaps):
-            gains = self.swap_gains(selected).ravel()  # (K * n_f,)
-            n_open = int(np.count_nonzero(np.isfinite(gains)))
-            n_pick = min(n_choices, n_open)
-            best = np.argpartition(-gains, n_pick - 1)[:n_pick]
-            best = best[np.lexsort((best, -gains[best]))]
-            position, feature = divmod(int(best[self.rng.integers(n_pick)]), self.n_all)
-            selected[position] = feature
-            selected = np.sort(selected)
-        return selected
-
 
 def solve_search(
     problem: AssignmentProblem,
@@ -646,10 +638,10 @@ def solve_search(
 ) -> Assignment:
     """Find a very good solution fast, by structured local search over selections.
 
-    Greedy start (or ``start``), swap descent on the exact objective, then rounds of perturbation
-    and descent (iterated local search) with restarts from randomised greedy selections. For every
+    Greedy start (or ``start``), swap descent, then rounds of ruin and recreate followed by
+    descent (iterated local search) with restarts from randomised greedy selections. For every
     selection visited the assignment is the optimal distinct one (:func:`assign_classes`). No
-    upper bound is proven: ``bound`` and ``gap`` are None.
+    upper bound is proven: ``bound`` and ``gap`` are None. BLAS is limited to one thread meanwhile.
 
     Args:
         problem: The problem.
@@ -725,12 +717,11 @@ def _solve_search(
         first = relaxed_optimum
     current = searcher.descend(first)
     best = current
-    log.append(f"descent: objective {best.objective:.6f} after {searcher.n_swaps} swaps")
+    log.append(f"descent: objective {best.objective:.6f}")
     report(best, "descent")
 
-    # iterated local search: kicks of a few swaps from the current solution, descent, accept if
-    # not worse; after a run of failures restart from a randomised greedy selection
-    max_kick = max(2, problem.n_features // _KICK_DIVISOR)
+    # iterated local search: ruin and recreate, relaxed descent, exact descent when promising
+    max_ruined = max(2, int(_RUIN_SHARE * problem.n_features))
     n_rounds = 0
     n_failures = 0
     n_restarts = 0
@@ -739,11 +730,12 @@ def _solve_search(
         if n_failures >= _RESTART_AFTER:
             n_failures = 0
             n_restarts += 1
-            kicked = searcher.greedy(n_choices=3)
+            rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES)
         else:
-            n_swaps = int(searcher.rng.integers(1, max_kick + 1))
-            kicked = searcher.kick(current, n_swaps=n_swaps, n_choices=_KICK_CHOICES)
-        candidate = searcher.evaluate(searcher.relaxed_descent(kicked))
+            n_ruined = int(searcher.rng.integers(1, max_ruined + 1))
+            kept = searcher.rng.permutation(current.selected)[: problem.n_features - n_ruined]
+            rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES, kept=kept)
+        candidate = searcher.evaluate(searcher.relaxed_descent(rebuilt))
         tolerance = searcher.tolerance(best.objective)
         # the exact descent only pays when the relaxed value leaves room to beat the best
         if candidate.relaxed > best.objective + tolerance:
@@ -754,7 +746,8 @@ def _solve_search(
             report(best, f"round {n_rounds}")
         else:
             n_failures += 1
-        if candidate.objective >= current.objective - tolerance:
+        slack = _ACCEPT_WORSE_SHARE * abs(best.objective)
+        if candidate.objective >= min(current.objective, best.objective - slack) - tolerance:
             current = candidate
 
     class_features = [list(subset) for subset in best.subsets]
