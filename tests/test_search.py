@@ -18,6 +18,7 @@ from openqpm.solver.problem import (
 )
 from openqpm.solver.search import (
     _distinct_subsets,
+    _duals_certify,
     _hungarian_max,
     _Searcher,
     _SubsetEnumerator,
@@ -94,6 +95,8 @@ def test_hungarian_matches_scipy_and_returns_optimal_duals() -> None:
         assert np.all(row_duals[:, None] + column_duals[None, :] >= weights - 1e-9)
         assert np.all(column_duals >= -1e-9)
         assert row_duals.sum() + column_duals.sum() == pytest.approx(matched)
+        assert _duals_certify(weights, column_of_row, row_duals, column_duals, 1e-9)
+        assert not _duals_certify(weights, column_of_row, row_duals - 0.1, column_duals, 1e-9)
 
 
 @pytest.mark.parametrize("kind", ["normal", "family", "ties", "identical"])

@@ -78,6 +78,11 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["MilpOptions", "distinct_set_cut_holds", "solve_milp"]
 
+# anticipated collisions: each class's best sets among its k + 2 best selected features, the
+# 3 best of them (more sets or a wider window measured no better on the small scale)
+_ANTICIPATED_SETS = 3
+_ANTICIPATED_EXTRA = 2
+
 
 @dataclass(frozen=True)
 class MilpOptions:
@@ -1013,7 +1018,7 @@ def _branch_and_bound(
     def settle(selection: Sequence[int]) -> tuple[int, int]:
         """Cut the collisions of a selection, or exclude it; returns (cuts, exclusions)."""
         added = 0
-        groups = _anticipated_duplicates(problem, selection, n_sets_per_class=3)
+        groups = _anticipated_duplicates(problem, selection, n_sets_per_class=_ANTICIPATED_SETS)
         for group, feature_set in groups:
             key = (tuple(group), tuple(feature_set))
             if key not in model.distinct_keys:
@@ -1089,7 +1094,7 @@ def _anticipated_duplicates(
     k = problem.n_per_class
     selected = np.asarray(sorted(int(d) for d in selection))
     values = problem.A[:, selected]  # (n_c, K)
-    width = min(k + 2, selected.size)
+    width = min(k + _ANTICIPATED_EXTRA, selected.size)
     best = np.argsort(-values, axis=1, kind="stable")[:, :width]  # (n_c, width)
     combinations = np.array(list(itertools.combinations(range(width), k)))  # (n_comb, k)
     owners: dict[tuple[int, ...], list[int]] = {}

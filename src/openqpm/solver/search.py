@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from openqpm.solver.problem import (
     Assignment,
@@ -60,7 +61,7 @@ _GREEDY_CHOICES = 3
 _RESTART_AFTER = 10
 _ACCEPT_WORSE_SHARE = 0.004
 # bound on the memo of evaluated selections (a few hundred bytes each)
-_MAX_REMEMBERED_SELECTIONS = 200_000
+_MAX_REMEMBERED_SELECTIONS = 50_000
 
 
 @contextlib.contextmanager
@@ -182,28 +183,24 @@ def _hungarian_max(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return column_of_row, -row_potential[1:], -column_potential[1:]
 
 
-def _check_duals(
+def _duals_certify(
     weights: np.ndarray,
     column_of_row: np.ndarray,
     row_duals: np.ndarray,
     column_duals: np.ndarray,
     tolerance: float,
-) -> None:
-    """Verify the matching's optimality certificate (dual feasibility and zero duality gap)."""
+) -> bool:
+    """Whether the matching and its duals form an optimality certificate (dual feasibility,
+    distinct columns, zero duality gap) up to ``tolerance``."""
     matched_value = float(weights[np.arange(len(column_of_row)), column_of_row].sum())
     dual_value = float(row_duals.sum() + column_duals.sum())
     violation = float((weights - row_duals[:, None] - column_duals[None, :]).max())
-    distinct = len(set(column_of_row.tolist())) == len(column_of_row)
-    if (
-        not distinct
-        or violation > tolerance
-        or float(column_duals.min()) < -tolerance
-        or abs(matched_value - dual_value) > tolerance * max(1, len(column_of_row))
-    ):
-        raise RuntimeError(
-            "internal error: the class-to-subset matching failed its optimality check "
-            f"(violation {violation:.3g}, duality gap {matched_value - dual_value:.3g})"
-        )
+    return (
+        len(set(column_of_row.tolist())) == len(column_of_row)
+        and violation <= tolerance
+        and float(column_duals.min()) >= -tolerance
+        and abs(matched_value - dual_value) <= tolerance * max(1, len(column_of_row))
+    )
 
 
 def _linked_classes(candidate_lists: list[list[tuple[int, ...]]]) -> list[list[int]]:
@@ -362,7 +359,14 @@ def _distinct_subsets(
             # (members, columns): each member's A sum over each candidate subset
             weights = values[np.asarray(members)][:, positions].sum(axis=2)
             column_of_row, row_duals, column_duals = _hungarian_max(weights)
-            _check_duals(weights, column_of_row, row_duals, column_duals, tolerance)
+            if not _duals_certify(weights, column_of_row, row_duals, column_duals, tolerance):
+                # never seen in tests; round-off on extreme inputs could cause it: keep a valid
+                # (scipy-optimal over these lists) matching rather than fail the whole solve
+                _logger.warning("class matching not certified; using it without a certificate")
+                column_of_row = linear_sum_assignment(-weights)[1]
+                solved[key] = [columns[int(column)] for column in column_of_row]
+                chosen.update(zip(members, solved[key], strict=True))
+                continue
             failing = [
                 class_index
                 for row, class_index in enumerate(members)
