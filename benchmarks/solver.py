@@ -8,7 +8,8 @@ on ``tiny`` an exhaustive enumeration that proves the optimum independently of a
 Usage::
 
     python benchmarks/solver.py                      # every scale, full budgets (about an hour)
-    python benchmarks/solver.py --quick              # tiny and small, short budgets
+    python benchmarks/solver.py --quick              # tiny and small, short budgets, no
+                                                     # enumeration
     python benchmarks/solver.py --scales medium,cub --seed 1
 
 The machine's load is printed with the table: timings taken on a shared machine are upper bounds.
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             budget_s=budgets[scale],
             paper_factor=2.0 if args.quick else args.paper_factor,
-            brute_force=scale == "tiny" and not args.no_brute_force,
+            # the enumeration takes minutes even on tiny: not in a quick run
+            brute_force=scale == "tiny" and not (args.no_brute_force or args.quick),
             paper_max_s=args.paper_max_s,
         )
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

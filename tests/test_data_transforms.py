@@ -103,3 +103,17 @@ def test_compute_mean_std_rejects_empty_requests(tmp_path: Path) -> None:
     dataset = create_dataset("imagefolder", make_image_folder(tmp_path), "train")
     with pytest.raises(ValueError, match="max_images"):
         compute_mean_std(dataset, max_images=0)
+
+
+def test_light_augmentation_drops_only_trivial_augment() -> None:
+    import torchvision.transforms as T
+
+    from openqpm.data import build_transforms
+
+    kwargs = {"image_size_px": 32, "mean": (0.5, 0.5, 0.5), "std": (0.2, 0.2, 0.2), "squash": True}
+    paper = [type(t) for t in build_transforms(train=True, **kwargs).transforms]
+    light = [type(t) for t in build_transforms(train=True, augment="light", **kwargs).transforms]
+    assert T.TrivialAugmentWide in paper and T.TrivialAugmentWide not in light
+    assert [t for t in paper if t is not T.TrivialAugmentWide] == light
+    with pytest.raises(ValueError, match="augment"):
+        build_transforms(train=True, augment="heavy", **kwargs)

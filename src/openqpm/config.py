@@ -56,6 +56,7 @@ class DataConfig:
     root: str = ""  # the data set folder (see README for each layout)
     crop: bool = True  # crop to the ground-truth box where the set has boxes (CUB, Cars, ...)
     image_size_px: int = 224  # side of the square network input
+    augment: str = "paper"  # paper: flip, jitter, TrivialAugmentWide | light: flip, jitter
     batch_size: int = 16  # per process; the paper uses 16 for fine-grained sets, 64 for ImageNet
     num_workers: int = 4  # DataLoader worker processes
 
@@ -149,6 +150,7 @@ def demo_config() -> RunConfig:
             root="",
             crop=True,
             image_size_px=64,
+            augment="light",
             batch_size=32,
             num_workers=0,
         ),
@@ -274,6 +276,7 @@ def validate_config(config: RunConfig) -> None:
     checks: list[tuple[bool, str]] = [
         (config.data.image_size_px >= 16, "data.image_size_px must be at least 16"),
         (config.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (config.data.augment in {"paper", "light"}, "data.augment must be paper or light"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (0.0 <= config.model.dense_dropout < 1.0, "model.dense_dropout must be in [0, 1)"),
         (0.0 <= config.model.qpm_dropout < 1.0, "model.qpm_dropout must be in [0, 1)"),
@@ -411,6 +414,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "data.root",
         "data.crop",
         "data.image_size_px",
+        "data.augment",
         "data.batch_size",
         "model.arch",
         "model.weights",

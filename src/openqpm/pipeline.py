@@ -182,7 +182,12 @@ def _datasets(ctx: _Context) -> dict[str, Any]:
         "synthetic",
     }
     train.transform = build_transforms(
-        train=True, image_size_px=data.image_size_px, mean=mean, std=std, squash=squash
+        train=True,
+        image_size_px=data.image_size_px,
+        mean=mean,
+        std=std,
+        squash=squash,
+        augment=data.augment,
     )
     test_transform = build_transforms(
         train=False, image_size_px=data.image_size_px, mean=mean, std=std, squash=squash
@@ -269,11 +274,19 @@ def check_inputs(config: RunConfig) -> None:
 
 
 def _beta(config: RunConfig) -> float:
-    from openqpm.losses import DIVERSITY_BETA
+    from openqpm.losses import DIVERSITY_BETA, default_diversity_beta
+    from openqpm.models import create_backbone
 
     if config.model.diversity_beta is not None:
         return config.model.diversity_beta
-    return float(DIVERSITY_BETA.get(config.model.arch, 0.196))
+    if config.model.arch in DIVERSITY_BETA:
+        return float(DIVERSITY_BETA[config.model.arch])
+    # No tabulated value (timm models): scale the ResNet value to this backbone's map size.
+    backbone = create_backbone(
+        config.model.arch, reduced_strides=resolved_reduced_strides(config.model)
+    )
+    height, width = backbone.feature_map_size(config.data.image_size_px)
+    return float(default_diversity_beta(config.model.arch, map_height=height, map_width=width))
 
 
 def _new_dense_model(ctx: _Context) -> Any:

@@ -42,6 +42,7 @@ def build_transforms(
     mean: Sequence[float],
     std: Sequence[float],
     squash: bool,
+    augment: str = "paper",
 ) -> T.Compose:
     """The paper's train or test transform, from a PIL image to a normalised tensor.
 
@@ -53,6 +54,10 @@ def build_transforms(
         squash: resize to a square ignoring the aspect ratio (box-cropped birds); otherwise
             resize the shorter side and crop the square (random crop with padding when training,
             centre crop when testing).
+        augment: training augmentation: ``"paper"`` (flip, colour jitter 0.1, TrivialAugmentWide,
+            as the reference code) or ``"light"`` (flip and colour jitter only: for data whose
+            classes are defined by small colour cues, such as the embedded data set, which
+            TrivialAugment's colour operations would erase). Ignored for the test transform.
 
     Returns:
         A transform producing float tensors of shape ``(3, image_size_px, image_size_px)``.
@@ -68,6 +73,8 @@ def build_transforms(
         raise ValueError(f"image_size_px must be positive, got {image_size_px}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 channels each, got {list(mean)} and {list(std)}")
+    if augment not in ("paper", "light"):
+        raise ValueError(f"augment must be 'paper' or 'light', got {augment!r}")
     if any(float(value) <= 0 for value in std):
         raise ValueError(f"std must be positive in every channel, got {list(std)}")
     size = int(image_size_px)
@@ -82,8 +89,9 @@ def build_transforms(
         steps += [
             T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=_JITTER, contrast=_JITTER, saturation=_JITTER),
-            T.TrivialAugmentWide(),
         ]
+        if augment == "paper":
+            steps.append(T.TrivialAugmentWide())
     steps += [
         T.ToTensor(),
         T.Normalize([float(value) for value in mean], [float(value) for value in std]),
