@@ -545,8 +545,20 @@ class _Relaxation:
         highs = self.highs
         highs.setOptionValue("time_limit", max(0.05, float(time_limit_s)))
         highs.setOptionValue("solve_relaxation", True)
-        highs.run()
-        highs.setOptionValue("solve_relaxation", False)
+        # HiGHS checks its time limit rarely inside a large LP: the callback enforces it
+        deadline = time.perf_counter() + float(time_limit_s)
+        kinds = self._highspy.cb.HighsCallbackType
+
+        def interrupt(kind: int, message: str, data_out: Any, data_in: Any, user: Any) -> None:
+            data_in.user_interrupt = time.perf_counter() > deadline
+
+        highs.setCallback(interrupt, None)  # type: ignore[arg-type]
+        highs.startCallback(kinds.kCallbackSimplexInterrupt)
+        try:
+            highs.run()
+        finally:
+            highs.stopCallback(kinds.kCallbackSimplexInterrupt)
+            highs.setOptionValue("solve_relaxation", False)
         status = highs.getModelStatus()
         if status != self._highspy.HighsModelStatus.kOptimal:
             _logger.debug("LP stopped with %s", highs.modelStatusToString(status))
@@ -1013,7 +1025,7 @@ def _branch_and_bound(
             # restarting is cheap while the tree is young; an old tree is worth finishing. The
             # input struct outlives a run: the flag must be cleared as well as set.
             young = time.perf_counter() - run_started[0] < interrupt_window_s[0]
-            data_in.user_interrupt = bool(overrated) and young
+            data_in.user_interrupt = (bool(overrated) and young) or clock.left() <= 0
 
     def settle(selection: Sequence[int]) -> tuple[int, int]:
         """Cut the collisions of a selection, or exclude it; returns (cuts, exclusions)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -237,7 +238,27 @@ class _PaperModel:
         solution.col_value = start.tolist()
         solution.value_valid = True
         highs.setSolution(solution)
-        highs.run()
+        # HiGHS checks its time limit rarely inside the LPs of a model this size: the
+        # interrupt callbacks enforce the deadline wherever HiGHS offers them
+        deadline = time.perf_counter() + float(time_limit_s)
+        kinds = highspy.cb.HighsCallbackType
+        interrupts = (
+            kinds.kCallbackSimplexInterrupt,
+            kinds.kCallbackIpmInterrupt,
+            kinds.kCallbackMipInterrupt,
+        )
+
+        def interrupt(kind: int, message: str, data_out: Any, data_in: Any, user: Any) -> None:
+            data_in.user_interrupt = time.perf_counter() > deadline
+
+        highs.setCallback(interrupt, None)  # type: ignore[arg-type]
+        for kind in interrupts:
+            highs.startCallback(kind)
+        try:
+            highs.run()
+        finally:
+            for kind in interrupts:
+                highs.stopCallback(kind)
         values = np.asarray(highs.getSolution().col_value)
         if values.size < self.n_columns or highs.getInfo().primal_solution_status != 2:
             raise PaperFormulationTimeout(
