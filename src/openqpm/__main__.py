@@ -1,0 +1,7 @@
+"""``python -m openqpm``: the same command line as the ``openqpm`` script."""
+
+import sys
+
+from openqpm.cli import main
+
+sys.exit(main())
