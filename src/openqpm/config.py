@@ -477,8 +477,9 @@ def with_overrides(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfi
     """Return ``config`` with whole fields of sections replaced, e.g. ``solver={"n_features": 8}``."""
     updates: dict[str, Any] = {}
     for name, values in sections.items():
-        current = getattr(config, name)
-        updates[name] = replace(current, **values) if is_dataclass(current) else values
+        current: Any = getattr(config, name)
+        is_section = is_dataclass(current) and not isinstance(current, type)
+        updates[name] = replace(current, **values) if is_section else values
     result = replace(config, **updates)
     validate_config(result)
     return result

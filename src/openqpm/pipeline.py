@@ -165,7 +165,7 @@ def _barrier() -> None:
 def _datasets(ctx: _Context) -> dict[str, Any]:
     """The train split with train and test transforms, and the test split with test transforms."""
     if "datasets" in ctx.cache:
-        return ctx.cache["datasets"]  # type: ignore[no-any-return]
+        return ctx.cache["datasets"]
     from openqpm.data import build_transforms, create_dataset
 
     data = ctx.config.data
@@ -200,7 +200,7 @@ def _datasets(ctx: _Context) -> dict[str, Any]:
             f"the test split {test.n_classes}"
         )
     ctx.cache["datasets"] = {"train": train, "train_eval": train_eval, "test": test}
-    return ctx.cache["datasets"]  # type: ignore[no-any-return]
+    return ctx.cache["datasets"]
 
 
 def _loader(ctx: _Context, split: str, *, train: bool, distributed: bool | None = None) -> Any:
