@@ -34,6 +34,8 @@ import numpy as np
 
 from openqpm.config import (
     ConfigError,
+    DenseConfig,
+    FinetuneConfig,
     RunConfig,
     atomic_write_text,
     config_to_dict,
@@ -327,39 +329,44 @@ def _training_callback(ctx: _Context, stage: str) -> Callable[[Any], None]:
     return callback
 
 
-def _stage_dense(ctx: _Context) -> dict[str, Any]:
+def _train_and_save(
+    ctx: _Context, model: Any, schedule: DenseConfig | FinetuneConfig, stage: str, file: str
+) -> dict[str, Any]:
+    """Train ``model`` with ``schedule`` (resumable), save it as ``file``, report test accuracy."""
     from openqpm.training import evaluate_accuracy, train_model
 
     config = ctx.config
-    model = _new_dense_model(ctx).to(ctx.device)
-    if not config.dense.skip and config.dense.epochs > 0:
-        dense = config.dense
+    digest = stage_hash(config, stage)
+    if schedule.epochs > 0 and not (isinstance(schedule, DenseConfig) and schedule.skip):
         train_model(
             model,
             _loader(ctx, "train", train=True),
-            epochs=dense.epochs,
-            lr_backbone=dense.lr_backbone,
-            lr_head=dense.lr_head,
-            momentum=dense.momentum,
-            weight_decay=dense.weight_decay,
-            step_size_epochs=dense.step_size_epochs,
-            gamma=dense.gamma,
+            epochs=schedule.epochs,
+            lr_backbone=schedule.lr_backbone,
+            lr_head=schedule.lr_head,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+            step_size_epochs=schedule.step_size_epochs,
+            gamma=schedule.gamma,
             diversity_beta=_beta(config),
             device=ctx.device,
-            checkpoint_path=ctx.run_dir / "checkpoints" / f"dense-{stage_hash(config, 'dense')}",
+            # keyed by the stage hash: a checkpoint of another configuration is never resumed
+            checkpoint_path=ctx.run_dir / "checkpoints" / f"{stage}-{digest}.safetensors",
             resume=ctx.resume,
             amp=config.amp,
-            progress=_training_callback(ctx, "dense"),
+            progress=_training_callback(ctx, stage),
             seed=config.seed,
         )
     accuracy = evaluate_accuracy(model, _loader(ctx, "test", train=False), device=ctx.device)
     if _is_main_process():
-        model.save(
-            ctx.run_dir / "dense.safetensors",
-            extra_metadata={"config_hash": stage_hash(config, "dense")},
-        )
+        model.save(ctx.run_dir / file, extra_metadata={"config_hash": digest})
     _barrier()
     return {"test_accuracy_percent": round(100.0 * accuracy, 2)}
+
+
+def _stage_dense(ctx: _Context) -> dict[str, Any]:
+    model = _new_dense_model(ctx).to(ctx.device)
+    return _train_and_save(ctx, model, ctx.config.dense, "dense", "dense.safetensors")
 
 
 def _stage_features(ctx: _Context) -> dict[str, Any]:
@@ -440,48 +447,19 @@ def _stage_assignment(ctx: _Context) -> dict[str, Any]:
 def _stage_finetune(ctx: _Context) -> dict[str, Any]:
     from openqpm.features import load_feature_pass
     from openqpm.solver.problem import Assignment
-    from openqpm.training import evaluate_accuracy, train_model
 
     config = ctx.config
     model = _load_model(ctx.run_dir / "dense.safetensors", ctx.device)
     assignment = Assignment.load(ctx.run_dir / "assignment.json")
     stats = load_feature_pass(ctx.run_dir / "features").feature_stats
     selected = np.asarray(assignment.selected_features, dtype=np.int64)
+    # the QPM head's fixed normalisation: training-set statistics of the selected features
     mean = np.asarray(stats.mean, dtype=np.float64)[selected]
     std = np.asarray(stats.std, dtype=np.float64)[selected]
     model = model.to_qpm(
         selected, mean, std, assignment.class_feature_matrix(), dropout=config.model.qpm_dropout
     ).to(ctx.device)
-    if config.finetune.epochs > 0:
-        step = config.finetune
-        train_model(
-            model,
-            _loader(ctx, "train", train=True),
-            epochs=step.epochs,
-            lr_backbone=step.lr_backbone,
-            lr_head=step.lr_head,
-            momentum=step.momentum,
-            weight_decay=step.weight_decay,
-            step_size_epochs=step.step_size_epochs,
-            gamma=step.gamma,
-            diversity_beta=_beta(config),
-            device=ctx.device,
-            checkpoint_path=ctx.run_dir
-            / "checkpoints"
-            / f"finetune-{stage_hash(config, 'finetune')}",
-            resume=ctx.resume,
-            amp=config.amp,
-            progress=_training_callback(ctx, "finetune"),
-            seed=config.seed,
-        )
-    accuracy = evaluate_accuracy(model, _loader(ctx, "test", train=False), device=ctx.device)
-    if _is_main_process():
-        model.save(
-            ctx.run_dir / "qpm.safetensors",
-            extra_metadata={"config_hash": stage_hash(config, "finetune")},
-        )
-    _barrier()
-    return {"test_accuracy_percent": round(100.0 * accuracy, 2)}
+    return _train_and_save(ctx, model, config.finetune, "finetune", "qpm.safetensors")
 
 
 def _stage_evaluate(ctx: _Context) -> dict[str, Any]:
