@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -111,6 +114,60 @@ def brute_force_optimum(problem: AssignmentProblem, incumbent: float) -> tuple[f
     return best, n_exact
 
 
+def _paper_child(problem_path: str, seed: int, time_limit_s: float, out_path: str) -> None:
+    """Child process: the paper formulation; its result (or failure) written as JSON."""
+    problem = AssignmentProblem.load(problem_path)
+    try:
+        result = solve_paper_formulation(problem, time_limit_s=time_limit_s, seed=seed)
+        validate_assignment(problem, result)
+        outcome = {"status": "ok", "objective": result.objective, "time_s": result.time_s}
+    except (PaperFormulationTimeout, MemoryError) as error:
+        outcome = {"status": type(error).__name__}
+    with open(out_path, "w", encoding="utf-8") as file:
+        json.dump(outcome, file)
+
+
+def _run_paper_isolated(
+    problem: AssignmentProblem, *, seed: int, time_limit_s: float, label: str
+) -> Row:
+    """The paper formulation in a child process, killed if it overruns its limit by a minute.
+
+    HiGHS's MIP setup on models of CUB size (about a million binaries) neither checks the time
+    limit nor calls back, so only a separate process can enforce the budget.
+    """
+    method = f"paper formulation ({label})"
+    grace_s = 60.0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        problem_path = os.path.join(folder, "problem.npz")
+        out_path = os.path.join(folder, "result.json")
+        problem.save(problem_path)
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--paper-child",
+            problem_path,
+            out_path,
+            "--seed",
+            str(seed),
+            "--paper-time",
+            str(time_limit_s),
+        ]
+        try:
+            subprocess.run(command, timeout=time_limit_s + grace_s, check=False)
+        except subprocess.TimeoutExpired:
+            elapsed = time.perf_counter() - started
+            return Row(method, None, None, None, elapsed, "no solution: killed in HiGHS setup")
+        elapsed = time.perf_counter() - started
+        if not os.path.exists(out_path):
+            return Row(method, None, None, None, elapsed, "no solution: the child crashed")
+        with open(out_path, encoding="utf-8") as file:
+            outcome = json.load(file)
+    if outcome["status"] != "ok":
+        return Row(method, None, None, None, elapsed, f"no solution: {outcome['status']}")
+    return Row(method, float(outcome["objective"]), None, None, float(outcome["time_s"]))
+
+
 def _format(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -135,13 +192,24 @@ def run_scale(
         flush=True,
     )
     rows: list[Row] = []
+    print(f"{'method':<28} {'objective':>12} {'bound':>12} {'gap %':>8} {'time s':>8}  note")
+
+    def show(row: Row) -> None:
+        rows.append(row)
+        gap = None if row.gap is None else 100 * row.gap
+        print(
+            f"{row.method:<28} {_format(row.objective):>12} {_format(row.bound):>12} "
+            f"{_format(gap, 2):>8} {row.time_s:>8.1f}  {row.note}",
+            flush=True,
+        )
+
     search_s = SEARCH_SHARE * budget_s
     found = solve_search(problem, time_limit_s=search_s, seed=seed)
     validate_assignment(problem, found)
-    rows.append(Row("search", found.objective, None, None, found.time_s))
+    show(Row("search", found.objective, None, None, found.time_s))
     exact = solve_milp(problem, time_limit_s=budget_s - found.time_s, seed=seed, start=found)
     validate_assignment(problem, exact)
-    rows.append(
+    show(
         Row(
             "search + MILP",
             exact.objective,
@@ -154,28 +222,15 @@ def run_scale(
     paper_s = paper_factor * budget_s
     if paper_max_s is not None and paper_s > paper_max_s:
         paper_s = paper_max_s
-    paper_started = time.perf_counter()
-    try:
-        paper = solve_paper_formulation(problem, time_limit_s=paper_s, seed=seed)
-        validate_assignment(problem, paper)
-        rows.append(
-            Row(f"paper formulation ({paper_factor:g}x)", paper.objective, None, None, paper.time_s)
+    show(
+        _run_paper_isolated(
+            problem, seed=seed, time_limit_s=paper_s, label=f"{paper_s / budget_s:g}x"
         )
-    except (PaperFormulationTimeout, MemoryError) as error:
-        rows.append(
-            Row(
-                f"paper formulation ({paper_s / budget_s:g}x)",
-                None,
-                None,
-                None,
-                time.perf_counter() - paper_started,
-                f"no solution: {type(error).__name__}",
-            )
-        )
+    )
     if brute_force:
         brute_started = time.perf_counter()
         optimum, n_exact = brute_force_optimum(problem, exact.objective)
-        rows.append(
+        show(
             Row(
                 "brute force",
                 optimum,
@@ -184,14 +239,6 @@ def run_scale(
                 time.perf_counter() - brute_started,
                 f"{n_exact} selections evaluated exactly",
             )
-        )
-    print(f"{'method':<28} {'objective':>12} {'bound':>12} {'gap %':>8} {'time s':>8}  note")
-    for row in rows:
-        gap = None if row.gap is None else 100 * row.gap
-        print(
-            f"{row.method:<28} {_format(row.objective):>12} {_format(row.bound):>12} "
-            f"{_format(gap, 2):>8} {row.time_s:>8.1f}  {row.note}",
-            flush=True,
         )
     return rows
 
@@ -214,8 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         help="cap on the paper formulation's budget (ImageNet at 10x is 50 minutes)",
     )
     parser.add_argument("--no-brute-force", action="store_true")
+    # internal: run the paper formulation alone (see _run_paper_isolated)
+    parser.add_argument(
+        "--paper-child", nargs=2, metavar=("PROBLEM", "OUT"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--paper-time", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.paper_child:
+        _paper_child(args.paper_child[0], args.seed, args.paper_time, args.paper_child[1])
+        return 0
     default_scales = "tiny,small" if args.quick else ",".join(SCALES)
     scales = (args.scales or default_scales).split(",")
     unknown = [scale for scale in scales if scale not in SCALES]
