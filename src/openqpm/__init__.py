@@ -7,8 +7,9 @@ solver can be used on machines where only numpy/scipy are wanted.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from openqpm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,14 +40,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from openqpm.solver.problem import Assignment, AssignmentProblem, validate_assignment
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'openqpm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("openqpm", globals(), _LAZY, __all__)

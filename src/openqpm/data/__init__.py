@@ -17,8 +17,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from openqpm._lazy import lazy_exports
 
 __all__ = [
     "DATASET_STATS",
@@ -59,14 +60,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from openqpm.data.transforms import DATASET_STATS, build_transforms, compute_mean_std
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'openqpm.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("openqpm.data", globals(), _LAZY, __all__)

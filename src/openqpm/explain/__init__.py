@@ -6,8 +6,9 @@ Submodules are imported on first use so that ``import openqpm.explain`` stays li
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from openqpm._lazy import lazy_exports
 
 __all__ = [
     "ContrastivePair",
@@ -63,14 +64,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from openqpm.explain.report import write_report
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'openqpm.explain' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("openqpm.explain", globals(), _LAZY, __all__)
