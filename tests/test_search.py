@@ -220,6 +220,24 @@ def test_search_respects_a_start_and_reports_progress() -> None:
         solve_search(problem, time_limit_s=0)
 
 
+def test_pair_moves_leave_a_local_optimum_of_single_swaps() -> None:
+    # {0, 1} is worth 2; every single swap into {2, 3} pays a penalty (worth 1.5), the pair swap
+    # to {2, 3} is worth 3: only a move of two swaps together finds it
+    R = np.zeros((4, 4))
+    for d, e in [(0, 2), (0, 3), (1, 2), (1, 3)]:
+        R[d, e] = R[e, d] = 1.0
+    b = np.array([1.0, 1.0, 1.5, 1.5])
+    problem = AssignmentProblem(np.zeros((2, 4)), R, b, 2, 1)
+    searcher = _Searcher(problem, rng=np.random.default_rng(0), deadline=math.inf)
+    start = searcher.evaluate(np.array([0, 1]))
+    assert searcher.descend(start).objective == pytest.approx(2.0)
+    moved = searcher.pair_descent(start)
+    assert moved.selected.tolist() == [2, 3]
+    assert moved.objective == pytest.approx(3.0)
+    found = solve_search(problem, time_limit_s=30, start=[0, 1], max_iterations=0)
+    assert found.selected_features == [2, 3] and found.objective == pytest.approx(3.0)
+
+
 def test_search_stops_at_the_time_limit() -> None:
     rng = np.random.default_rng(22)
     problem = _random_problem(rng, n_all=200, n_classes=40, n_features=20, n_per_class=4)
