@@ -597,57 +597,69 @@ class _Searcher:
             redundancy_with += self.R[:, feature]
         return np.sort(np.asarray(chosen, dtype=np.int64))
 
-    def descend(self, current: _Evaluation) -> _Evaluation:
-        """Best-improvement swap descent on the exact objective.
+    def improving_swap(
+        self, base: np.ndarray, base_relaxed: float, gains: np.ndarray, target: float
+    ) -> _Evaluation | None:
+        """The first swap of ``base`` (in order of relaxed gain) whose exact value beats ``target``.
 
-        Swaps are tried in order of relaxed gain. Since the relaxed value bounds the exact one, a
-        swap is skipped for good once ``relaxed(current) + gain`` cannot beat the current exact
-        objective; at most ``_MAX_EXACT_EVALUATIONS_PER_STEP`` swaps are evaluated per step.
+        Since the relaxed value bounds the exact one, only swaps with ``base_relaxed + gain``
+        above ``target`` are candidates; at most ``_MAX_EXACT_EVALUATIONS_PER_STEP`` of them are
+        evaluated exactly.
+
+        Args:
+            base: (K,) selection the swaps start from.
+            base_relaxed: Relaxed objective of ``base``.
+            gains: (K, n_f) relaxed gains of its swaps (:meth:`swap_gains`).
+            target: Exact objective to beat.
+
+        Returns:
+            The evaluated improving selection, or None.
         """
+        tolerance = self.tolerance(target)
+        flat = gains.ravel()
+        n_promising = int(np.count_nonzero(flat > target - base_relaxed + tolerance))
+        if n_promising == 0:
+            return None
+        n_try = min(n_promising, _MAX_EXACT_EVALUATIONS_PER_STEP)
+        best = np.argpartition(-flat, n_try - 1)[:n_try]
+        best = best[np.lexsort((best, -flat[best]))]  # by gain, ties by index
+        for flat_index in best:
+            position, feature = divmod(int(flat_index), self.n_all)
+            selected = base.copy()
+            selected[position] = feature
+            selected.sort()
+            known = self.known_objective.get(selected.tobytes())
+            if known is not None and known <= target + tolerance:
+                continue
+            candidate = self.evaluate(selected)
+            if candidate.objective > target + tolerance:
+                return candidate
+        return None
+
+    def descend(self, current: _Evaluation) -> _Evaluation:
+        """Best-improvement swap descent on the exact objective (see :meth:`improving_swap`)."""
         while not self.out_of_time():
             gains = self.swap_gains(current.selected)  # (K, n_f)
-            tolerance = self.tolerance(current.objective)
-            # a swap can only help when its relaxed value beats the current exact value
-            needed = current.objective - current.relaxed + tolerance
-            flat = gains.ravel()
-            n_promising = int(np.count_nonzero(flat > needed))
-            if n_promising == 0:
+            improved = self.improving_swap(
+                current.selected, current.relaxed, gains, current.objective
+            )
+            if improved is None:
                 return current
-            n_try = min(n_promising, _MAX_EXACT_EVALUATIONS_PER_STEP)
-            best = np.argpartition(-flat, n_try - 1)[:n_try]
-            best = best[np.lexsort((best, -flat[best]))]  # by gain, ties by index
-            improved = False
-            for flat_index in best:
-                position, feature = divmod(int(flat_index), self.n_all)
-                selected = current.selected.copy()
-                selected[position] = feature
-                selected.sort()
-                known = self.known_objective.get(selected.tobytes())
-                if known is not None and known <= current.objective + tolerance:
-                    continue
-                candidate = self.evaluate(selected)
-                if candidate.objective > current.objective + tolerance:
-                    current = candidate
-                    self.n_swaps += 1
-                    improved = True
-                    break
-            if not improved:
-                return current
+            current = improved
+            self.n_swaps += 1
         return current
 
     def pair_descent(self, current: _Evaluation) -> _Evaluation:
         """Swap descent extended by pair moves: two swaps made together.
 
         At a swap-local optimum, each of the ``_PAIR_FIRST_MOVES`` best first swaps (by relaxed
-        gain, possibly negative) is followed by every second swap; pairs are evaluated exactly in
-        order of their relaxed value as long as that value can beat the current exact objective.
-        An improvement restarts the (single swap) descent from the new selection.
+        gain, possibly negative) is followed by the second swaps that can still beat the current
+        exact objective (:meth:`improving_swap`). An improvement restarts the (single swap)
+        descent from the new selection.
         """
         current = self.descend(current)
         while not self.out_of_time():
-            tolerance = self.tolerance(current.objective)
-            gains = self.swap_gains(current.selected)  # (K, n_f)
-            flat = gains.ravel()
+            flat = self.swap_gains(current.selected).ravel()  # (K * n_f,)
             n_first = min(_PAIR_FIRST_MOVES, int(np.isfinite(flat).sum()))
             if n_first == 0:
                 return current
@@ -661,28 +673,12 @@ class _Searcher:
                 middle = current.selected.copy()
                 middle[position] = feature
                 middle.sort()
-                # relaxed value after the first swap, then every second swap's relaxed value
-                middle_relaxed = current.relaxed + float(flat[flat_index])
-                second = self.swap_gains(middle).ravel()  # (K * n_f,)
-                needed = current.objective - middle_relaxed + tolerance
-                n_promising = int(np.count_nonzero(second > needed))
-                if n_promising == 0:
-                    continue
-                n_try = min(n_promising, _MAX_EXACT_EVALUATIONS_PER_STEP)
-                best = np.argpartition(-second, n_try - 1)[:n_try]
-                best = best[np.lexsort((best, -second[best]))]
-                for second_index in best:
-                    position2, feature2 = divmod(int(second_index), self.n_all)
-                    selected = middle.copy()
-                    selected[position2] = feature2
-                    selected.sort()
-                    known = self.known_objective.get(selected.tobytes())
-                    if known is not None and known <= current.objective + tolerance:
-                        continue
-                    candidate = self.evaluate(selected)
-                    if candidate.objective > current.objective + tolerance:
-                        improved = candidate
-                        break
+                improved = self.improving_swap(
+                    middle,
+                    current.relaxed + float(flat[flat_index]),
+                    self.swap_gains(middle),
+                    current.objective,
+                )
                 if improved is not None:
                     break
             if improved is None:
