@@ -225,3 +225,45 @@ def test_clique_cuts_are_valid_and_cut_off_spread_selections() -> None:
         # valid: every 0/1 selection of the clique pays at least the right-hand side
         for m in range(len(members) + 1):
             assert m * (m - 1) / 2 >= t * m - t * (t + 1) / 2
+
+
+def test_lazy_pairs_enter_when_violated_and_complete_to_the_eager_model() -> None:
+    problem = _random_problem(13, n_all=9, n_classes=4, n_features=4, n_per_class=2)
+    depth = np.full(problem.n_classes, problem.n_all_features)
+    eager = _Relaxation(problem, depth=depth, seed=0, threads=1)
+    lazy = _Relaxation(problem, depth=depth, seed=0, threads=1, lazy_pairs=True)
+    features = list(range(problem.n_all_features))
+    eager.add_features(features)
+    lazy.add_features(features)
+    assert not lazy.pair_column and eager.pair_column
+    # at s: features 0-3 at 0.6 (their pairs sum to 1.2 > 1), the rest at 0.2 (sums <= 0.8)
+    s_values = np.array([0.6] * 4 + [0.2] * (problem.n_all_features - 4))
+    expected = {(d, e) for d in range(4) for e in range(d + 1, 4) if problem.R[d, e] > 0}
+    assert expected, "the case needs a penalised pair among the first four features"
+    assert {(min(p), max(p)) for p in lazy.violated_pairs(s_values)} == expected
+    lazy.add_pairs(lazy.violated_pairs(s_values))
+    assert lazy.violated_pairs(s_values) == []  # present pairs are never reported again
+    lazy.complete_pairs()
+    assert set(lazy.pair_column) == set(eager.pair_column)
+    # the relaxation of the lazy model is never below the eager one (it is a relaxation of it
+    # until completed) and equal once completed
+    lazy_lp, eager_lp = lazy.solve_lp(10.0), eager.solve_lp(10.0)
+    assert lazy_lp is not None and eager_lp is not None
+    assert lazy_lp.value == pytest.approx(eager_lp.value, rel=1e-9, abs=1e-9)
+
+
+def test_root_lp_re_solves_after_the_run_time_passes_the_limit() -> None:
+    # HiGHS measures an LP's time limit against the run time its object accumulated over all
+    # runs: without accounting for it, a model re-solved for longer than one round's limit
+    # stops at once ("time limit reached") and the root phase ends early
+    problem = _random_problem(14, n_all=12, n_classes=6, n_features=5, n_per_class=2)
+    model = _Relaxation(problem, depth=np.full(problem.n_classes, 12), seed=0, threads=1)
+    model.add_features(range(problem.n_all_features))
+    limit_s = 0.05
+    for _ in range(20_000):
+        assert model.solve_lp(10.0) is not None
+        if model.highs.getRunTime() > 3 * limit_s:
+            break
+    assert model.highs.getRunTime() > 3 * limit_s
+    model.highs.clearSolver()  # the next solve must iterate (a solved LP never checks the time)
+    assert model.solve_lp(limit_s) is not None

@@ -29,6 +29,11 @@ Strengthening, each step valid for every feasible solution, so the bound stays a
   ``sum_{pairs in Q} y >= t * sum_Q s - t(t+1)/2``. With ``y <= s`` (added where violated) these
   stop the LP from spreading s thinly over many redundant features, which is what makes the plain
   relaxation weak. Separated greedily from the LP solution.
+* **Lazy pair rows.** When features are priced in, a penalised pair gets its y column and row
+  ``y >= s[d] + s[e] - 1`` only once the LP violates it (``s[d] + s[e] > 1``) or a clique cut
+  needs it: the LP is a relaxation of the full one until then (a missing y is 0, which every
+  missing row allows), so each bound stays valid, and every pair among the model's features is
+  added before branching, where integer selections must pay all of them.
 * **Reduced-cost fixing.** A feature whose Lagrangian bound with s[d] = 1 is below the incumbent
   is in no better solution; it is fixed to 0 before branching.
 * **Distinctness.** Classes with the same set T in a solution get the cut "at most one class of the
@@ -77,6 +82,10 @@ from openqpm.solver.problem import (
 _logger = logging.getLogger(__name__)
 
 __all__ = ["MilpOptions", "distinct_set_cut_holds", "solve_milp"]
+
+# the branch-and-bound root LP is solved cold, with every penalised pair of the model: measured
+# at ~6x the last warm re-solve of the root phase on the CUB scale (49 s vs 8 s)
+_COLD_LP_FACTOR = 8.0
 
 # anticipated collisions: each class's best sets among its k + 2 best selected features, the
 # 3 best of them (more sets or a wider window measured no better on the small scale)
@@ -181,6 +190,7 @@ class _Relaxation:
         depth: np.ndarray,
         seed: int,
         threads: int,
+        lazy_pairs: bool = False,
     ) -> None:
         import highspy
 
@@ -223,6 +233,8 @@ class _Relaxation:
         self.distinct_keys: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
         self.fixed_out: set[int] = set()
         self.penalised = problem.R > 0  # (n_f, n_f)
+        # lazy: a pair's y column and row only once the LP violates it or a cut needs it
+        self.lazy_pairs = lazy_pairs
 
         # row 0: cardinality; rows 1..n_c: classes
         self._add_rows(
@@ -352,40 +364,68 @@ class _Relaxation:
         class_indices, positions = np.nonzero(in_depth)
         self._add_x(class_indices, new_array[positions])
 
-        # penalised pairs between the new features and every feature in the model
-        members = np.array(self.features)
-        first_list, second_list = [], []
-        for d in new:
-            partners = members[self.penalised[d, members]]
-            for e in partners:
-                pair = (min(d, int(e)), max(d, int(e)))
-                if pair not in self.pair_column:
-                    self.pair_column[pair] = -1  # reserve, filled below
-                    first_list.append(pair[0])
-                    second_list.append(pair[1])
-        if first_list:
-            first = np.array(first_list)
-            second = np.array(second_list)
-            columns = self._add_columns(
-                -problem.R[first, second],
-                np.zeros(first.size),
-                np.ones(first.size),
-                [(np.zeros(0, dtype=np.int64), np.zeros(0))] * first.size,
-            )
-            for pair_first, pair_second, column in zip(first_list, second_list, columns):
-                self.pair_column[(pair_first, pair_second)] = int(column)
-            # y - s_d - s_e >= -1
-            self._add_rows(
-                np.full(first.size, -1.0),
-                np.full(first.size, np.inf),
-                [
-                    (
-                        np.array([column, self.feature_column[f], self.feature_column[s]]),
-                        np.array([1.0, -1.0, -1.0]),
-                    )
-                    for f, s, column in zip(first, second, columns)
-                ],
-            )
+        if not self.lazy_pairs:
+            # penalised pairs between the new features and every feature in the model
+            members = np.array(self.features)
+            self.add_pairs([(d, int(e)) for d in new for e in members[self.penalised[d, members]]])
+
+    def add_pairs(self, pairs: Sequence[tuple[int, int]]) -> int:
+        """Add y columns and their rows ``y >= s_d + s_e - 1`` for penalised pairs of model
+        features (either order; pairs already there are skipped). Returns the number added."""
+        keys = sorted({(min(d, e), max(d, e)) for d, e in pairs} - self.pair_column.keys())
+        if not keys:
+            return 0
+        first = np.array([d for d, _ in keys])
+        second = np.array([e for _, e in keys])
+        columns = self._add_columns(
+            -self.problem.R[first, second],
+            np.zeros(first.size),
+            np.ones(first.size),
+            [(np.zeros(0, dtype=np.int64), np.zeros(0))] * first.size,
+        )
+        for key, column in zip(keys, columns):
+            self.pair_column[key] = int(column)
+        # y - s_d - s_e >= -1
+        self._add_rows(
+            np.full(first.size, -1.0),
+            np.full(first.size, np.inf),
+            [
+                (
+                    np.array([column, self.feature_column[d], self.feature_column[e]]),
+                    np.array([1.0, -1.0, -1.0]),
+                )
+                for d, e, column in zip(first, second, columns)
+            ],
+        )
+        return len(keys)
+
+    def complete_pairs(self) -> int:
+        """Add every penalised pair among the model's features not fixed out; returns the count."""
+        members = np.array([d for d in self.features if d not in self.fixed_out])
+        if members.size < 2:
+            return 0
+        inner = np.triu(self.penalised[np.ix_(members, members)], 1)
+        first, second = np.nonzero(inner)
+        return self.add_pairs(list(zip(members[first].tolist(), members[second].tolist())))
+
+    def violated_pairs(self, s_values: np.ndarray) -> list[tuple[int, int]]:
+        """Penalised pairs without a y column whose ``s_d + s_e`` exceeds 1 at the LP's s.
+
+        Args:
+            s_values: (n_model_features,) LP values of s, aligned with ``self.features``.
+        """
+        features = np.array(self.features)
+        support = np.flatnonzero(s_values > 1e-6)
+        ids, values = features[support], s_values[support]
+        over = np.triu(
+            self.penalised[np.ix_(ids, ids)] & (values[:, None] + values[None, :] > 1 + 1e-6), 1
+        )
+        first, second = np.nonzero(over)
+        return [
+            (int(ids[i]), int(ids[j]))
+            for i, j in zip(first, second)
+            if (int(min(ids[i], ids[j])), int(max(ids[i], ids[j]))) not in self.pair_column
+        ]
 
     def _add_x(self, class_indices: np.ndarray, feature_ids: np.ndarray) -> None:
         """Add x[c,d] columns and their rows x - s <= 0."""
@@ -436,6 +476,7 @@ class _Relaxation:
 
     def add_clique_cut(self, clique: Sequence[int], t: int) -> None:
         """``t * sum_Q s - sum_{pairs in Q} y <= t(t+1)/2`` for a clique Q of penalised pairs."""
+        self.add_pairs(list(itertools.combinations(clique, 2)))
         columns = [int(self.feature_column[d]) for d in clique]
         values = [float(t)] * len(columns)
         for i, d in enumerate(clique):
@@ -543,7 +584,12 @@ class _Relaxation:
     def solve_lp(self, time_limit_s: float) -> _LpResult | None:
         """Solve the LP relaxation; None when it did not finish."""
         highs = self.highs
-        highs.setOptionValue("time_limit", max(0.05, float(time_limit_s)))
+        # an LP solve measures HiGHS's time limit against the run time the object accumulated
+        # over all its runs (a MIP solve measures it from its own start: highspy 1.15), so the
+        # root's re-solves must add what earlier rounds spent or they stop at once
+        highs.setOptionValue(
+            "time_limit", float(highs.getRunTime()) + max(0.05, float(time_limit_s))
+        )
         highs.setOptionValue("solve_relaxation", True)
         # HiGHS checks its time limit rarely inside a large LP: the callback enforces it
         deadline = time.perf_counter() + float(time_limit_s)
@@ -880,7 +926,9 @@ def _initial_model(
         worth = problem.b + np.maximum(problem.class_scale * problem.A - theta[:, None], 0).sum(0)
         n_initial = int(options.initial_features_per_selected * problem.n_features)
         features = sorted(set(state.selection) | set(np.argsort(-worth)[:n_initial].tolist()))
-    model = _Relaxation(problem, depth=depth, seed=seed, threads=options.threads)
+    model = _Relaxation(
+        problem, depth=depth, seed=seed, threads=options.threads, lazy_pairs=not full
+    )
     model.add_features(features)
     state.note(
         f"model: {len(model.features)} features, {len(model.x_column)} class-feature columns, "
@@ -904,7 +952,9 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
     round_index = 0
     while clock.elapsed() - root_started < root_time_s and clock.left() > 0:
         round_index += 1
+        lp_started = clock.elapsed()
         result = model.solve_lp(clock.left())
+        lp_seconds = clock.elapsed() - lp_started
         if result is None:
             break
         last = result
@@ -940,6 +990,7 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
         positive = np.flatnonzero(result.excluded_reduced_costs > 1e-9)
         chosen = positive[np.argsort(-result.excluded_reduced_costs[positive], kind="stable")]
         chosen = chosen[: options.features_added_per_round]
+        n_pairs = model.add_pairs(model.violated_pairs(s_values)) if model.lazy_pairs else 0
         model.add_pair_upper_links(violated_links)
         for clique, t, _ in cuts:
             model.add_clique_cut(clique, t)
@@ -948,9 +999,9 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
         state.note(
             f"root round {round_index}: LP {result.value:.4f}, bound {state.bound:.4f}; "
             f"+{chosen.size} features, {len(deep)} deeper classes, {len(cuts)} clique cuts, "
-            f"{len(violated_links)} links"
+            f"{len(violated_links)} links, +{n_pairs} pairs"
         )
-        if not (chosen.size or deep or cuts or violated_links):
+        if not (chosen.size or deep or cuts or violated_links or n_pairs):
             break
         window = 4
         if len(history) > window and (history[-window - 1] - history[-1]) < (
@@ -973,6 +1024,14 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
     out = np.setdiff1d(out, state.selection)
     model.fix_out(out.tolist())
     state.note(f"reduced-cost fixing: {out.size} of {features.size} features fixed to 0")
+    if not full and clock.left() < _COLD_LP_FACTOR * lp_seconds:
+        # HiGHS solves the branch-and-bound root from scratch and cannot be interrupted during
+        # it: starting it this late would overrun the time limit for nothing
+        state.note(f"branch and bound skipped: {clock.left():.1f}s left, too little for this model")
+        return
+    if model.lazy_pairs:
+        # integer selections must pay every penalised pair they hold
+        state.note(f"branch and bound: {model.complete_pairs()} penalised pairs completed")
     _branch_and_bound(problem, state, model, bound, excluded, seed=seed)
 
 
@@ -1018,6 +1077,9 @@ def _branch_and_bound(
             exact = state.evaluated.get(tuple(chosen))
             if exact is not None and float(data_out.objective_function_value) > exact + tolerance:
                 overrated.append(chosen)
+        elif kind == callback_type.kCallbackSimplexInterrupt:
+            # the LPs of a large model (the root's above all) run long between MIP checks
+            data_in.user_interrupt = clock.left() <= 0
         elif kind == callback_type.kCallbackMipInterrupt:
             dual_bound = float(data_out.mip_dual_bound)
             if math.isfinite(dual_bound):
@@ -1046,6 +1108,7 @@ def _branch_and_bound(
     highs.setCallback(callback, None)  # type: ignore[arg-type]
     highs.startCallback(callback_type.kCallbackMipImprovingSolution)
     highs.startCallback(callback_type.kCallbackMipInterrupt)
+    highs.startCallback(callback_type.kCallbackSimplexInterrupt)
     try:
         while clock.left() > 0.05:
             highs.setOptionValue("time_limit", clock.left())
@@ -1091,6 +1154,7 @@ def _branch_and_bound(
     finally:
         highs.stopCallback(callback_type.kCallbackMipImprovingSolution)
         highs.stopCallback(callback_type.kCallbackMipInterrupt)
+        highs.stopCallback(callback_type.kCallbackSimplexInterrupt)
 
 
 def _anticipated_duplicates(
