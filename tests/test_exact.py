@@ -267,3 +267,20 @@ def test_root_lp_re_solves_after_the_run_time_passes_the_limit() -> None:
     assert model.highs.getRunTime() > 3 * limit_s
     model.highs.clearSolver()  # the next solve must iterate (a solved LP never checks the time)
     assert model.solve_lp(limit_s) is not None
+
+
+@pytest.mark.parametrize("method", ["milp", "paper"])
+@pytest.mark.parametrize(
+    ("start", "message"),
+    [
+        ([0, 1, 2], "n_features=5 ids, got 3"),
+        ([0, 1, 2, 3, 3], "feature 3 is selected twice"),
+        ([0, 1, 2, 3, 16], r"must lie in \[0, 16\)"),
+        ([0.0, 1.0, 2.0, 3.0, 4.0], "integer feature ids"),
+    ],
+)
+def test_a_bad_start_is_rejected_before_solving(method: str, start: list, message: str) -> None:
+    problem = generate_instance(16, 6, 5, 2, seed=0, bias="none")
+    solver = solve_milp if method == "milp" else solve_paper_formulation
+    with pytest.raises(ValueError, match=message):
+        solver(problem, time_limit_s=30, start=start)

@@ -76,6 +76,7 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
+    checked_selection,
     relative_gap,
 )
 
@@ -836,9 +837,7 @@ def _start_state(
         selection = list(found.selected_features)
         source = "search"
     else:
-        selection = list(
-            start.selected_features if isinstance(start, Assignment) else np.asarray(start).tolist()
-        )
+        selection = checked_selection(problem, start).tolist()
         source = "start"
     class_features, value = assign_classes(problem, selection)
     state = _State(

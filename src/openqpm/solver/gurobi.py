@@ -24,6 +24,7 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
+    checked_selection,
     relative_gap,
 )
 
@@ -112,9 +113,7 @@ def solve_gurobi(
         model.addConstr(pair_y >= s[int(d)] + s[int(e)] - 1)
 
     if start is not None:
-        selection = list(
-            start.selected_features if isinstance(start, Assignment) else np.asarray(start).tolist()
-        )
+        selection = checked_selection(problem, start).tolist()
         class_features, _ = assign_classes(problem, selection)
         chosen = {int(d) for d in selection}
         for d in range(n_f):

@@ -40,6 +40,7 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
+    checked_selection,
 )
 
 _logger = logging.getLogger(__name__)
@@ -419,13 +420,7 @@ def solve_paper_formulation(
     model = _PaperModel(problem, seed=seed, threads=threads)
     note(f"model: {model.n_columns} columns", None)
     if start is not None:
-        selection = np.array(
-            sorted(
-                start.selected_features
-                if isinstance(start, Assignment)
-                else np.asarray(start).tolist()
-            )
-        )
+        selection = checked_selection(problem, start)
     else:
         selection = _start_selection(problem)
     # first start: every class its k best features of the start selection

@@ -44,6 +44,7 @@ __all__ = [
     "InvalidAssignmentError",
     "ProgressCallback",
     "SolverProgress",
+    "checked_selection",
     "relative_gap",
     "validate_assignment",
 ]
@@ -642,6 +643,37 @@ def _is_json_number(value: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # validation
+
+
+def checked_selection(
+    problem: AssignmentProblem, selection: Assignment | Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """A selection (or a solution's) as a sorted int64 array, after checking it fits ``problem``.
+
+    Every solver's ``start`` argument goes through here, so a bad start fails before any solving.
+
+    Raises:
+        ValueError: If it is not a 1-D list of n_features distinct ids in [0, n_all_features).
+    """
+    if isinstance(selection, Assignment):
+        selection = selection.selected_features
+    selected = np.asarray(selection)
+    if selected.ndim != 1 or not (np.issubdtype(selected.dtype, np.integer) or selected.size == 0):
+        raise ValueError(f"a selection must be a 1-D list of integer feature ids, got {selected!r}")
+    selected = np.sort(selected.astype(np.int64))
+    if selected.size != problem.n_features:
+        raise ValueError(
+            f"a selection must have n_features={problem.n_features} ids, got {selected.size}"
+        )
+    if selected[0] < 0 or selected[-1] >= problem.n_all_features:
+        raise ValueError(
+            f"selected feature ids must lie in [0, {problem.n_all_features}), got "
+            f"{int(selected[0])}..{int(selected[-1])}"
+        )
+    repeated = selected[1:][selected[1:] == selected[:-1]]
+    if repeated.size:
+        raise ValueError(f"feature {int(repeated[0])} is selected twice")
+    return selected
 
 
 class InvalidAssignmentError(ValueError):

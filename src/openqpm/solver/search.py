@@ -39,6 +39,7 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
+    checked_selection,
 )
 
 _logger = logging.getLogger(__name__)
@@ -423,34 +424,11 @@ def assign_classes(
         >>> assign_classes(problem, [0, 1])  # class 0 moves: it loses 0.1, class 1 would lose 0.2
         ([[1], [0]], 950.0)
     """
-    selected = _checked_selection(problem, selected_features)
+    selected = checked_selection(problem, selected_features)
     values = problem.A[:, selected]  # (n_c, n_features)
     subsets, _, _ = _distinct_subsets(values, selected, problem.n_per_class)
     class_features = [list(subset) for subset in subsets]
     return class_features, problem.objective(selected.tolist(), class_features)
-
-
-def _checked_selection(
-    problem: AssignmentProblem, selected_features: Sequence[int] | np.ndarray
-) -> np.ndarray:
-    """The selection as a sorted int64 array, after checking size, range and distinctness."""
-    selected = np.asarray(selected_features)
-    if selected.ndim != 1 or not (np.issubdtype(selected.dtype, np.integer) or selected.size == 0):
-        raise ValueError(f"a selection must be a 1-D list of integer feature ids, got {selected!r}")
-    selected = np.sort(selected.astype(np.int64))
-    if selected.size != problem.n_features:
-        raise ValueError(
-            f"a selection must have n_features={problem.n_features} ids, got {selected.size}"
-        )
-    if selected[0] < 0 or selected[-1] >= problem.n_all_features:
-        raise ValueError(
-            f"selected feature ids must lie in [0, {problem.n_all_features}), got "
-            f"{int(selected[0])}..{int(selected[-1])}"
-        )
-    repeated = selected[1:][selected[1:] == selected[:-1]]
-    if repeated.size:
-        raise ValueError(f"feature {int(repeated[0])} is selected twice")
-    return selected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,8 +745,7 @@ def _solve_search(
             progress(SolverProgress(elapsed(), evaluation.objective, None, None, message))
 
     if start is not None:
-        start_selection = start.selected_features if isinstance(start, Assignment) else start
-        first = searcher.evaluate(_checked_selection(problem, start_selection))
+        first = searcher.evaluate(checked_selection(problem, start))
         log.append(f"start: given selection, objective {first.objective:.6f}")
     else:
         first = searcher.evaluate(searcher.greedy(n_choices=1))
