@@ -11,6 +11,7 @@ Usage::
     python benchmarks/solver.py --quick              # tiny and small, short budgets, no
                                                      # enumeration
     python benchmarks/solver.py --scales medium,cub --seed 1
+    python benchmarks/solver.py --scales small --scip-s 3600   # + SCIP's proof (needs pyscipopt)
 
 The machine's load is printed with the table: timings taken on a shared machine are upper bounds.
 """
@@ -41,6 +42,8 @@ from openqpm.solver.search import assign_classes, solve_search
 BUDGET_S = {"tiny": 30.0, "small": 60.0, "medium": 60.0, "cub": 60.0, "imagenet": 300.0}
 QUICK_BUDGET_S = {"tiny": 10.0, "small": 20.0, "medium": 20.0, "cub": 30.0, "imagenet": 60.0}
 SEARCH_SHARE = 0.25
+# the SCIP backend holds every x column: only for problems this small (tiny, small)
+SCIP_MAX_COLUMNS = 20_000
 
 
 @dataclass
@@ -180,6 +183,7 @@ def run_scale(
     paper_factor: float,
     brute_force: bool,
     paper_max_s: float | None = None,
+    scip_s: float = 0.0,
 ) -> list[Row]:
     """Build one instance and run every method on it."""
     started = time.perf_counter()
@@ -227,6 +231,22 @@ def run_scale(
             problem, seed=seed, time_limit_s=paper_s, label=f"{paper_s / budget_s:g}x"
         )
     )
+    if scip_s > 0 and problem.n_all_features * problem.n_classes <= SCIP_MAX_COLUMNS:
+        from openqpm.solver.scip import solve_scip
+
+        proof = solve_scip(problem, time_limit_s=scip_s, seed=seed, start=found)
+        validate_assignment(problem, proof)
+        show(
+            Row(
+                "search + SCIP (lazy cuts)",
+                proof.objective,
+                proof.bound,
+                proof.gap,
+                found.time_s + proof.time_s,
+                ("optimal; " if proof.gap is not None and proof.gap <= 1e-9 else "")
+                + proof.log[-1],
+            )
+        )
     if brute_force:
         brute_started = time.perf_counter()
         optimum, n_exact = brute_force_optimum(problem, exact.objective)
@@ -261,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         help="cap on the paper formulation's budget (ImageNet at 10x is 50 minutes)",
     )
     parser.add_argument("--no-brute-force", action="store_true")
+    parser.add_argument(
+        "--scip-s",
+        type=float,
+        default=0.0,
+        help="also prove tiny/small with the SCIP backend, warm-started, in this many seconds",
+    )
     # internal: run the paper formulation alone (see _run_paper_isolated)
     parser.add_argument(
         "--paper-child", nargs=2, metavar=("PROBLEM", "OUT"), help=argparse.SUPPRESS
@@ -291,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             # the enumeration takes minutes even on tiny: not in a quick run
             brute_force=scale == "tiny" and not (args.no_brute_force or args.quick),
             paper_max_s=args.paper_max_s,
+            scip_s=args.scip_s,
         )
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\nload average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end")

@@ -493,7 +493,7 @@ def _build_parser() -> argparse.ArgumentParser:
     solve.add_argument("problem", type=Path, nargs="?", help="problem.npz (A, R, b, sizes)")
     solve.add_argument("--time-limit", type=float, help="seconds (default 60)")
     solve.add_argument("--out", type=Path, help="assignment.json to write")
-    solve.add_argument("--method", help="auto, search, milp, paper or gurobi")
+    solve.add_argument("--method", help="auto, search, milp, paper, gurobi or scip")
     _add_run_options(solve, require_run_dir=False)
     solve.set_defaults(handler=_cmd_solve)
 

@@ -7,6 +7,8 @@
   a certified upper bound.
 * ``"paper"``: the paper's own iterative formulation on the same solver, for comparison.
 * ``"gurobi"``: the linear MILP on Gurobi (optional, needs ``gurobipy`` and a licence).
+* ``"scip"``: the linear MILP on SCIP with distinctness as lazy constraints in one tree
+  (optional, ``pip install "openqpm[scip]"``): for proving optimality on small problems.
 * ``"auto"``: the search for a share of the time, then the MILP warm-started with its result;
   the better solution is returned with the MILP's bound.
 
@@ -51,6 +53,7 @@ _METHODS: dict[str, tuple[str, str]] = {
     "milp": ("openqpm.solver.exact", "solve_milp"),
     "paper": ("openqpm.solver.paper", "solve_paper_formulation"),
     "gurobi": ("openqpm.solver.gurobi", "solve_gurobi"),
+    "scip": ("openqpm.solver.scip", "solve_scip"),
 }
 
 # share of the time limit "auto" gives the search before the MILP takes over: the search reaches
