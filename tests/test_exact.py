@@ -6,8 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
+from _brute_force import brute_force_optimum
 from openqpm.solver.exact import (
     MilpOptions,
     _anticipated_duplicates,
@@ -55,25 +55,10 @@ def _random_problem(
     return AssignmentProblem(A, R, b, n_features, n_per_class)
 
 
-def _brute_force(problem: AssignmentProblem) -> float:
-    """Every selection; for each, classes matched to distinct subsets (Hungarian, exact)."""
-    best = -np.inf
-    n_c = problem.n_classes
-    for selection in itertools.combinations(range(problem.n_all_features), problem.n_features):
-        subsets = list(itertools.combinations(selection, problem.n_per_class))
-        values = np.array([[problem.A[c, list(s)].sum() for s in subsets] for c in range(n_c)])
-        rows, columns = linear_sum_assignment(values, maximize=True)
-        class_term = problem.class_scale * float(values[rows, columns].sum())
-        chosen = list(selection)
-        penalty = 0.5 * float(problem.R[np.ix_(chosen, chosen)].sum())
-        best = max(best, class_term - penalty + float(problem.b[chosen].sum()))
-    return best
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_milp_proves_the_brute_force_optimum(seed: int) -> None:
     problem = _random_problem(seed)
-    optimum = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
     result = solve_milp(problem, time_limit_s=30, options=_NO_SEARCH)
     validate_assignment(problem, result)
     assert result.objective == pytest.approx(optimum, rel=1e-9, abs=1e-9)
@@ -86,7 +71,7 @@ def test_pricing_and_class_depth_keep_the_bound_valid(seed: int) -> None:
     # the column-generation model starts with one selection's worth of features and short
     # class lists: every bound it reports must still be at least the optimum
     problem = _random_problem(seed, n_all=9, n_classes=5, n_features=4, n_per_class=2)
-    optimum = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
     bounds: list[float] = []
 
     def record(report: SolverProgress) -> None:
@@ -104,7 +89,7 @@ def test_pricing_and_class_depth_keep_the_bound_valid(seed: int) -> None:
 @pytest.mark.parametrize("time_limit_s", [0.01, 0.3, 2.0])
 def test_bound_is_valid_when_time_runs_out(time_limit_s: float) -> None:
     problem = _random_problem(9, n_all=10, n_classes=6, n_features=5, n_per_class=2)
-    optimum = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
     result = solve_milp(problem, time_limit_s=time_limit_s, options=_PRICED)
     validate_assignment(problem, result)
     assert result.objective <= optimum + 1e-7
@@ -119,7 +104,7 @@ def test_lagrangian_bound_holds_at_any_duals(seed: int) -> None:
     # weak duality: whatever the row duals (even random ones), the bound of the model with
     # features left out and short class lists is at least the optimum
     problem = _random_problem(seed, n_all=8, n_classes=4, n_features=4, n_per_class=2)
-    optimum = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
     model = _Relaxation(problem, depth=np.full(problem.n_classes, 3), seed=0, threads=1)
     model.add_features([0, 1, 2, 3, 4])
     model.add_clique_cut([0, 1], 1) if problem.R[0, 1] > 0 else None
@@ -138,7 +123,7 @@ def test_distinctness_cuts_separate_classes_with_identical_preferences() -> None
     # without distinctness every class would take the same two features
     top_sets = {tuple(np.argsort(-row)[:2]) for row in problem.A}
     assert len(top_sets) == 1
-    optimum = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
     result = solve_milp(problem, time_limit_s=30, options=_NO_SEARCH)
     validate_assignment(problem, result)
     assert len({tuple(features) for features in result.class_features}) == problem.n_classes

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import builtins
-import itertools
 from typing import Any
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
+from _brute_force import brute_force_optimum
 from openqpm.solver.gurobi import solve_gurobi
 from openqpm.solver.problem import AssignmentProblem, validate_assignment
 
@@ -20,22 +19,6 @@ def _problem(seed: int) -> AssignmentProblem:
     A = np.tile(rng.random(n_all), (n_classes, 1)) + 0.1 * rng.random((n_classes, n_all))
     R = np.triu(rng.random((n_all, n_all)) * (rng.random((n_all, n_all)) < 0.5), 1) * 60.0
     return AssignmentProblem(A, R + R.T, rng.normal(size=n_all) * 20.0, 4, 2)
-
-
-def _brute_force(problem: AssignmentProblem) -> float:
-    best = -np.inf
-    for selection in itertools.combinations(range(problem.n_all_features), problem.n_features):
-        subsets = list(itertools.combinations(selection, problem.n_per_class))
-        values = np.array([[row[list(s)].sum() for s in subsets] for row in problem.A])
-        rows, columns = linear_sum_assignment(values, maximize=True)
-        chosen = list(selection)
-        best = max(
-            best,
-            problem.class_scale * float(values[rows, columns].sum())
-            - 0.5 * float(problem.R[np.ix_(chosen, chosen)].sum())
-            + float(problem.b[chosen].sum()),
-        )
-    return best
 
 
 def test_missing_gurobipy_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +43,7 @@ def test_gurobi_finds_the_brute_force_optimum(seed: int) -> None:
     result = solve_gurobi(problem, time_limit_s=60, seed=seed)
     validate_assignment(problem, result)
     assert len({tuple(f) for f in result.class_features}) == problem.n_classes
-    assert result.objective == pytest.approx(_brute_force(problem), rel=1e-9)
+    assert result.objective == pytest.approx(brute_force_optimum(problem), rel=1e-9)
     assert result.gap == pytest.approx(0.0, abs=1e-6)
 
 

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import builtins
-import itertools
 from typing import Any
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
+from _brute_force import brute_force_optimum
 from openqpm.solver import solve
 from openqpm.solver.problem import AssignmentProblem, SolverProgress, validate_assignment
 from openqpm.solver.scip import shared_sets, solve_scip
-
-
-def _brute_force(problem: AssignmentProblem) -> tuple[float, float]:
-    """(optimum with distinct sets, optimum when classes may share sets)."""
-    best, free = -np.inf, -np.inf
-    for selection in itertools.combinations(range(problem.n_all_features), problem.n_features):
-        subsets = list(itertools.combinations(selection, problem.n_per_class))
-        values = np.array([[row[list(s)].sum() for s in subsets] for row in problem.A])
-        rows, columns = linear_sum_assignment(values, maximize=True)
-        chosen = list(selection)
-        rest = -0.5 * float(problem.R[np.ix_(chosen, chosen)].sum()) + float(
-            problem.b[chosen].sum()
-        )
-        best = max(best, problem.class_scale * float(values[rows, columns].sum()) + rest)
-        free = max(free, problem.class_scale * float(values.max(axis=1).sum()) + rest)
-    return best, free
 
 
 def _problem(seed: int) -> AssignmentProblem:
@@ -65,7 +48,8 @@ def test_missing_pyscipopt_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch
 def test_scip_proves_the_brute_force_optimum(seed: int) -> None:
     pytest.importorskip("pyscipopt")
     problem = _problem(seed)
-    optimum, free = _brute_force(problem)
+    optimum = brute_force_optimum(problem)
+    free = brute_force_optimum(problem, distinct=False)
     assert free > optimum + 1e-6  # distinctness binds: the cuts are needed
     # a poor start (the first features), so that SCIP has to find the optimum itself
     events: list[SolverProgress] = []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from _brute_force import brute_force_optimum
 from openqpm.solver import solve, solver_methods
 from openqpm.solver.problem import (
     Assignment,
@@ -50,24 +51,6 @@ def _random_problem(
     R = (R + R.T) * 100.0
     b = rng.normal(size=n_all) * 30.0
     return AssignmentProblem(A, R, b, n_features, n_per_class)
-
-
-def _brute_force_optimum(problem: AssignmentProblem) -> float:
-    """Every selection; for each, the optimal distinct assignment by matching over all subsets."""
-    best = -np.inf
-    for selection in itertools.combinations(range(problem.n_all_features), problem.n_features):
-        subsets = list(itertools.combinations(selection, problem.n_per_class))
-        values = np.array(
-            [[problem.A[c, list(s)].sum() for s in subsets] for c in range(len(problem.A))]
-        )
-        rows, columns = linear_sum_assignment(-values)
-        objective = (
-            problem.class_scale * values[rows, columns].sum()
-            + problem.b[list(selection)].sum()
-            - 0.5 * problem.R[np.ix_(selection, selection)].sum()
-        )
-        best = max(best, objective)
-    return float(best)
 
 
 def test_subset_enumerator_yields_every_subset_in_non_increasing_order() -> None:
@@ -177,7 +160,7 @@ def test_search_finds_the_brute_force_optimum_on_tiny_problems(kind: str) -> Non
     rng = np.random.default_rng({"normal": 10, "family": 11, "ties": 12}[kind])
     for seed in range(6):
         problem = _random_problem(rng, n_all=7, n_classes=4, n_features=4, n_per_class=2, kind=kind)
-        optimum = _brute_force_optimum(problem)
+        optimum = brute_force_optimum(problem)
         found = solve_search(problem, time_limit_s=30, seed=seed, max_iterations=15)
         validate_assignment(problem, found)
         assert found.objective == pytest.approx(optimum, abs=1e-7)

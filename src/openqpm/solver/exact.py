@@ -76,7 +76,6 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
-    checked_selection,
     relative_gap,
 )
 
@@ -826,20 +825,12 @@ def _start_state(
     options: MilpOptions,
 ) -> _State:
     """The incumbent: the given start, or a short structured search."""
-    from openqpm.solver.search import assign_classes, solve_search
+    from openqpm.solver.search import start_solution
 
-    if start is None:
-        found = solve_search(
-            problem,
-            time_limit_s=max(0.1, min(options.search_share * clock.left(), options.max_search_s)),
-            seed=seed,
-        )
-        selection = list(found.selected_features)
-        source = "search"
-    else:
-        selection = checked_selection(problem, start).tolist()
-        source = "start"
-    class_features, value = assign_classes(problem, selection)
+    search_s = min(options.search_share * clock.left(), options.max_search_s)
+    selection, class_features, value, source = start_solution(
+        problem, start, search_s=search_s, seed=seed
+    )
     state = _State(
         problem=problem,
         clock=clock,

@@ -28,7 +28,6 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     ProgressCallback,
     SolverProgress,
-    checked_selection,
     relative_gap,
 )
 
@@ -82,18 +81,15 @@ def solve_scip(
         ValueError: If ``time_limit_s`` is not positive or ``start`` is not a valid selection.
     """
     scip = _import_scip()
-    from openqpm.solver.search import assign_classes, solve_search
+    from openqpm.solver.search import assign_classes, start_solution
 
     if not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
     started = time.perf_counter()
-    if start is None:
-        found = solve_search(problem, time_limit_s=min(0.15 * time_limit_s, 10.0), seed=seed)
-        selection = list(found.selected_features)
-    else:
-        selection = checked_selection(problem, start).tolist()
-    class_features, start_value = assign_classes(problem, selection)
-    log = [f"start: objective {start_value:.6f}"]
+    selection, class_features, start_value, source = start_solution(
+        problem, start, search_s=min(0.15 * time_limit_s, 10.0), seed=seed
+    )
+    log = [f"start from {source}: objective {start_value:.6f}"]
 
     n_c, n_f, k = problem.n_classes, problem.n_all_features, problem.n_per_class
     first, second, weight = problem.penalised_pairs()

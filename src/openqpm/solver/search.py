@@ -431,6 +431,31 @@ def assign_classes(
     return class_features, problem.objective(selected.tolist(), class_features)
 
 
+def start_solution(
+    problem: AssignmentProblem,
+    start: Assignment | Sequence[int] | np.ndarray | None,
+    *,
+    search_s: float,
+    seed: int,
+) -> tuple[list[int], list[list[int]], float, str]:
+    """An exact solvers' first incumbent: the given start, or a short structured search.
+
+    Returns:
+        ``(selection, class_features, objective, source)`` with the optimal distinct assignment
+        for the selection and ``source`` "start" or "search".
+
+    Raises:
+        ValueError: If ``start`` is not a valid selection for ``problem``.
+    """
+    if start is None:
+        found = solve_search(problem, time_limit_s=max(0.1, search_s), seed=seed)
+        selection, source = sorted(found.selected_features), "search"
+    else:
+        selection, source = checked_selection(problem, start).tolist(), "start"
+    class_features, value = assign_classes(problem, selection)
+    return selection, class_features, value, source
+
+
 # ----------------------------------------------------------------------------------------------
 # search over selections
 
