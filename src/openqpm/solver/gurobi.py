@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from openqpm.solver.modeling import build_linear_milp, start_values
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -82,8 +83,7 @@ def solve_gurobi(
     started = time.perf_counter()
     GRB = gp.GRB
     n_c, n_f = problem.n_classes, problem.n_all_features
-    k, n_selected = problem.n_per_class, problem.n_features
-    first, second, weight = problem.penalised_pairs()
+    k = problem.n_per_class
 
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 0)
@@ -94,34 +94,24 @@ def solve_gurobi(
     model.Params.Threads = int(threads)
     model.Params.LazyConstraints = 1
     model.Params.MIPGap = 1e-9
-    s = [model.addVar(vtype=GRB.BINARY, obj=float(problem.b[d])) for d in range(n_f)]
-    x = [
-        [
-            model.addVar(vtype=GRB.BINARY, obj=problem.class_scale * float(problem.A[c, d]))
-            for d in range(n_f)
-        ]
-        for c in range(n_c)
-    ]
-    y = [model.addVar(lb=0.0, ub=1.0, obj=-float(w)) for w in weight]
     model.ModelSense = GRB.MAXIMIZE
-    model.addConstr(gp.quicksum(s) == n_selected)
-    for c in range(n_c):
-        model.addConstr(gp.quicksum(x[c]) == k)
-        for d in range(n_f):
-            model.addConstr(x[c][d] <= s[d])
-    for pair_y, d, e in zip(y, first, second):
-        model.addConstr(pair_y >= s[int(d)] + s[int(e)] - 1)
+    milp = build_linear_milp(
+        problem,
+        add_var=lambda binary, cost: (
+            model.addVar(vtype=GRB.BINARY, obj=cost)
+            if binary
+            else model.addVar(lb=0.0, ub=1.0, obj=cost)
+        ),
+        add_constraint=model.addConstr,
+        quicksum=gp.quicksum,
+    )
+    s, x = milp.s, milp.x
 
     if start is not None:
         selection = checked_selection(problem, start).tolist()
         class_features, _ = assign_classes(problem, selection)
-        chosen = {int(d) for d in selection}
-        for d in range(n_f):
-            s[d].Start = float(d in chosen)
-        for c in range(n_c):
-            mine = set(class_features[c])
-            for d in range(n_f):
-                x[c][d].Start = float(d in mine)
+        for variable, value in start_values(problem, milp, selection, class_features):
+            variable.Start = value
 
     flat_x = [variable for row in x for variable in row]
     log: list[str] = []

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from openqpm.solver.modeling import build_linear_milp, start_values
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -92,27 +93,19 @@ def solve_scip(
     log = [f"start from {source}: objective {start_value:.6f}"]
 
     n_c, n_f, k = problem.n_classes, problem.n_all_features, problem.n_per_class
-    first, second, weight = problem.penalised_pairs()
     model = scip.Model("openqpm")
     model.hideOutput(True)
     model.setParam("randomization/randomseedshift", int(seed))
-    s = [model.addVar(vtype="B", obj=float(problem.b[d])) for d in range(n_f)]
-    x = [
-        [
-            model.addVar(vtype="B", obj=problem.class_scale * float(problem.A[c, d]))
-            for d in range(n_f)
-        ]
-        for c in range(n_c)
-    ]
-    y = [model.addVar(lb=0.0, ub=1.0, obj=-float(w)) for w in weight]
+    milp = build_linear_milp(
+        problem,
+        add_var=lambda binary, cost: (
+            model.addVar(vtype="B", obj=cost) if binary else model.addVar(lb=0.0, ub=1.0, obj=cost)
+        ),
+        add_constraint=model.addCons,
+        quicksum=scip.quicksum,
+    )
     model.setMaximize()
-    model.addCons(scip.quicksum(s) == problem.n_features)
-    for c in range(n_c):
-        model.addCons(scip.quicksum(x[c]) == k)
-        for d in range(n_f):
-            model.addCons(x[c][d] <= s[d])
-    for pair_y, d, e in zip(y, first, second):
-        model.addCons(pair_y >= s[int(d)] + s[int(e)] - 1)
+    s, x = milp.s, milp.x
 
     n_cuts = [0]
 
@@ -194,16 +187,9 @@ def solve_scip(
 
     model.includeEventhdlr(Incumbents(), "openqpm_incumbents", "reports new incumbents")
 
-    chosen = set(selection)
     solution = model.createSol()
-    for d in range(n_f):
-        model.setSolVal(solution, s[d], float(d in chosen))
-    for c in range(n_c):
-        mine = set(class_features[c])
-        for d in range(n_f):
-            model.setSolVal(solution, x[c][d], float(d in mine))
-    for pair_y, d, e in zip(y, first, second):
-        model.setSolVal(solution, pair_y, float(int(d) in chosen and int(e) in chosen))
+    for variable, value in start_values(problem, milp, selection, class_features):
+        model.setSolVal(solution, variable, value)
     model.addSol(solution, free=True)
 
     model.setParam("limits/time", max(1.0, time_limit_s - (time.perf_counter() - started)))
