@@ -10,8 +10,9 @@ import pytest
 
 from _brute_force import brute_force_optimum
 from openqpm.solver import solve
+from openqpm.solver.modeling import shared_sets
 from openqpm.solver.problem import AssignmentProblem, SolverProgress, validate_assignment
-from openqpm.solver.scip import shared_sets, solve_scip
+from openqpm.solver.scip import solve_scip
 
 
 def _problem(seed: int) -> AssignmentProblem:
@@ -26,8 +27,8 @@ def _problem(seed: int) -> AssignmentProblem:
 
 def test_shared_sets_groups_the_classes_of_each_repeated_set() -> None:
     sets = [(0, 1), (2, 3), (0, 1), (1, 2), (0, 1), (2, 3)]
-    assert sorted(shared_sets(sets)) == [([0, 2, 4], (0, 1)), ([1, 5], (2, 3))]
-    assert shared_sets([(0, 1), (1, 2)]) == []
+    assert sorted(shared_sets(enumerate(sets))) == [([0, 2, 4], (0, 1)), ([1, 5], (2, 3))]
+    assert shared_sets(enumerate([(0, 1), (1, 2)])) == []
 
 
 def test_missing_pyscipopt_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

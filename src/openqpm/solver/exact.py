@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from openqpm.solver.modeling import shared_sets
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -1163,11 +1164,10 @@ def _anticipated_duplicates(
     width = min(k + _ANTICIPATED_EXTRA, selected.size)
     best = np.argsort(-values, axis=1, kind="stable")[:, :width]  # (n_c, width)
     combinations = np.array(list(itertools.combinations(range(width), k)))  # (n_comb, k)
-    owners: dict[tuple[int, ...], list[int]] = {}
+    class_sets = []
     for c in range(problem.n_classes):
         members = best[c, combinations]  # (n_comb, k) positions in the selection
         totals = values[c, members].sum(axis=1)
         for row in np.argsort(-totals, kind="stable")[:n_sets_per_class]:
-            key = tuple(sorted(int(d) for d in selected[members[row]]))
-            owners.setdefault(key, []).append(c)
-    return [(group, list(key)) for key, group in owners.items() if len(group) > 1]
+            class_sets.append((c, tuple(sorted(int(d) for d in selected[members[row]]))))
+    return [(group, list(key)) for group, key in shared_sets(class_sets)]

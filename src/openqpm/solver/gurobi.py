@@ -2,9 +2,9 @@
 
 Same formulation as :mod:`openqpm.solver.exact` (binary s and x, ``x <= s``, exactly k per class,
 McCormick rows for the penalised pairs), solved whole by Gurobi. Distinctness is enforced with
-lazy constraints from a callback: whenever Gurobi finds an integer solution in which classes c
-and c' share the set T, the cut ``sum_{d in T} (x[c,d] + x[c',d]) <= 2k - 1`` is added. It is
-valid here because every class has exactly k features (see :mod:`openqpm.solver.exact`).
+lazy constraints from a callback: whenever Gurobi finds an integer solution in which a group G of
+classes shares the set T, the cut ``sum_{c in G} sum_{d in T} x[c,d] <= (k - 1)|G| + 1`` is added
+(:func:`openqpm.solver.modeling.distinct_group_cut`; valid because every class has exactly k).
 
 The pip package ships a size-limited licence (about 2000 variables and 2000 constraints), enough
 for toy problems only; anything larger needs a full licence, as the paper's authors had.
@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from openqpm.solver.modeling import build_linear_milp, start_values
+from openqpm.solver.modeling import (
+    build_linear_milp,
+    distinct_group_cut,
+    finish_assignment,
+    shared_sets,
+    start_values,
+)
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -121,15 +127,10 @@ def solve_gurobi(
         if where != GRB.Callback.MIPSOL:
             return
         values = np.asarray(callback_model.cbGetSolution(flat_x)).reshape(n_c, n_f) > 0.5
-        owner: dict[tuple[int, ...], int] = {}
-        for c in range(n_c):
-            key = tuple(np.flatnonzero(values[c]).tolist())
-            if key in owner:
-                other = owner[key]
-                callback_model.cbLazy(gp.quicksum(x[c][d] + x[other][d] for d in key) <= 2 * k - 1)
-                n_lazy[0] += 1
-            else:
-                owner[key] = c
+        groups = shared_sets((c, tuple(np.flatnonzero(values[c]).tolist())) for c in range(n_c))
+        for classes, feature_set in groups:
+            callback_model.cbLazy(distinct_group_cut(x, classes, feature_set, k, gp.quicksum))
+            n_lazy[0] += 1
         if progress is not None:
             objective = float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBST))
             bound = float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBND))
@@ -150,22 +151,12 @@ def solve_gurobi(
             f"cannot hold n_f={n_f}, n_c={n_c}"
         )
     selection = [d for d in range(n_f) if s[d].X > 0.5]
-    # the assignment is recomputed exactly for Gurobi's selection: same value when optimal
-    class_features, objective = assign_classes(problem, selection)
-    bound = max(float(model.ObjBound), objective)
+    dual = float(model.ObjBound)
     log.append(
-        f"gurobi status {model.Status}, objective {model.ObjVal:.6f}, bound {model.ObjBound:.6f}, "
+        f"gurobi status {model.Status}, objective {model.ObjVal:.6f}, bound {dual:.6f}, "
         f"{n_lazy[0]} lazy distinctness cuts"
     )
     model.dispose()
     env.dispose()
-    return Assignment(
-        selected_features=selection,
-        class_features=class_features,
-        objective=objective,
-        bound=bound,
-        gap=relative_gap(objective, bound),
-        method="gurobi",
-        time_s=time.perf_counter() - started,
-        log=log,
-    )
+    # the assignment is recomputed exactly for Gurobi's selection: same value when optimal
+    return finish_assignment(problem, selection, dual, method="gurobi", started=started, log=log)

@@ -2,20 +2,29 @@
 
 :func:`build_linear_milp` states the model through three callables, so each backend supplies only
 its own way of making a variable and a constraint. :func:`start_values` gives the values of a
-known solution for a warm start. The formulation is the one of :mod:`openqpm.solver.exact`, with
+known solution for a warm start, :func:`shared_sets` and :func:`distinct_group_cut` the lazy
+distinctness cuts, :func:`finish_assignment` the returned solution. The formulation is the one of :mod:`openqpm.solver.exact`, with
 every class-feature column and every penalised pair, and without distinctness (each backend adds it
 lazily in its own callback).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from openqpm.solver.problem import AssignmentProblem
+from openqpm.solver.problem import Assignment, AssignmentProblem, relative_gap
 
-__all__ = ["LinearMilp", "build_linear_milp", "start_values"]
+__all__ = [
+    "LinearMilp",
+    "build_linear_milp",
+    "distinct_group_cut",
+    "finish_assignment",
+    "shared_sets",
+    "start_values",
+]
 
 
 @dataclass(frozen=True)
@@ -85,3 +94,65 @@ def start_values(
         for pair_y, d, e in zip(milp.y, first, second)
     )
     return values
+
+
+def shared_sets(
+    class_sets: Iterable[tuple[int, tuple[int, ...]]],
+) -> list[tuple[list[int], tuple[int, ...]]]:
+    """Groups of classes that share a set: ``(classes, set)`` for every set named twice or more.
+
+    Args:
+        class_sets: ``(class, sorted feature set)`` pairs; a class may come with several sets.
+    """
+    owners: dict[tuple[int, ...], list[int]] = {}
+    for c, feature_set in class_sets:
+        owners.setdefault(feature_set, []).append(c)
+    return [(classes, feature_set) for feature_set, classes in owners.items() if len(classes) > 1]
+
+
+def distinct_group_cut(
+    x: Sequence[Sequence[Any]],
+    classes: Sequence[int],
+    feature_set: Sequence[int],
+    n_per_class: int,
+    quicksum: Callable[[Any], Any],
+) -> Any:
+    """``sum_{c in G} sum_{d in T} x[c,d] <= (k - 1)|G| + 1``: at most one class of G has all of T.
+
+    Valid because every class has exactly k features: a class whose set is not T holds at most
+    k - 1 of T's features.
+    """
+    total = quicksum(x[c][d] for c in classes for d in feature_set)
+    return total <= (n_per_class - 1) * len(classes) + 1
+
+
+def finish_assignment(
+    problem: AssignmentProblem,
+    selection: Sequence[int],
+    dual_bound: float,
+    *,
+    method: str,
+    started: float,
+    log: list[str],
+) -> Assignment:
+    """The returned solution: the optimal distinct assignment of a backend's selection.
+
+    The objective is recomputed exactly (never read off the solver); the bound is the solver's
+    dual bound, at least the objective, and equal to it within 1e-9 (relative) when it is reached.
+    """
+    from openqpm.solver.search import assign_classes
+
+    class_features, objective = assign_classes(problem, selection)
+    bound = max(float(dual_bound), objective)
+    if bound - objective <= 1e-9 * max(1.0, abs(objective)):
+        bound = objective
+    return Assignment(
+        selected_features=[int(d) for d in selection],
+        class_features=class_features,
+        objective=objective,
+        bound=bound,
+        gap=relative_gap(objective, bound),
+        method=method,
+        time_s=time.perf_counter() - started,
+        log=log,
+    )

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from openqpm.solver.modeling import build_linear_milp, start_values
+from openqpm.solver.modeling import (
+    build_linear_milp,
+    distinct_group_cut,
+    finish_assignment,
+    shared_sets,
+    start_values,
+)
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -45,14 +51,6 @@ def _import_scip() -> Any:
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
     return pyscipopt
-
-
-def shared_sets(sets: Sequence[tuple[int, ...]]) -> list[tuple[list[int], tuple[int, ...]]]:
-    """The groups of classes that share a set: ``(classes, set)`` for every set used twice+."""
-    owners: dict[tuple[int, ...], list[int]] = {}
-    for c, feature_set in enumerate(sets):
-        owners.setdefault(feature_set, []).append(c)
-    return [(classes, feature_set) for feature_set, classes in owners.items() if len(classes) > 1]
 
 
 def solve_scip(
@@ -82,13 +80,17 @@ def solve_scip(
         ValueError: If ``time_limit_s`` is not positive or ``start`` is not a valid selection.
     """
     scip = _import_scip()
-    from openqpm.solver.search import assign_classes, start_solution
+    from openqpm.solver.exact import MilpOptions
+    from openqpm.solver.search import start_solution
 
     if not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
     started = time.perf_counter()
+    # the same start as solve_milp's
+    defaults = MilpOptions()
+    search_s = min(defaults.search_share * time_limit_s, defaults.max_search_s)
     selection, class_features, start_value, source = start_solution(
-        problem, start, search_s=min(0.15 * time_limit_s, 10.0), seed=seed
+        problem, start, search_s=search_s, seed=seed
     )
     log = [f"start from {source}: objective {start_value:.6f}"]
 
@@ -110,11 +112,10 @@ def solve_scip(
     n_cuts = [0]
 
     def collisions(solution: Any) -> list[tuple[list[int], tuple[int, ...]]]:
-        sets = [
-            tuple(d for d in range(n_f) if model.getSolVal(solution, x[c][d]) > 0.5)
+        return shared_sets(
+            (c, tuple(d for d in range(n_f) if model.getSolVal(solution, x[c][d]) > 0.5))
             for c in range(n_c)
-        ]
-        return shared_sets(sets)
+        )
 
     class Distinct(scip.Conshdlr):  # type: ignore[name-defined]
         def conscheck(
@@ -136,8 +137,7 @@ def solve_scip(
             if not groups:
                 return {"result": scip.SCIP_RESULT.FEASIBLE}
             for classes, feature_set in groups:
-                total = scip.quicksum(x[c][d] for c in classes for d in feature_set)
-                model.addCons(total <= (k - 1) * len(classes) + 1)
+                model.addCons(distinct_group_cut(x, classes, feature_set, k, scip.quicksum))
                 n_cuts[0] += 1
             return {"result": scip.SCIP_RESULT.CONSADDED}
 
@@ -200,24 +200,10 @@ def solve_scip(
         found_selection = [d for d in range(n_f) if model.getSolVal(best, s[d]) > 0.5]
         if len(found_selection) == problem.n_features:
             selection = found_selection
-    # the assignment is recomputed exactly for SCIP's selection: same value when optimal
-    class_features, objective = assign_classes(problem, selection)
     dual = float(model.getDualbound())
-    bound = max(dual, objective)
-    if bound - objective <= 1e-6 * max(1.0, abs(objective)) and status == "optimal":
-        bound = objective  # proven optimal up to SCIP's tolerances
     log.append(
-        f"scip status {status}, objective {objective:.6f}, bound {dual:.6f}, "
-        f"{n_cuts[0]} lazy distinctness cuts, {model.getNNodes()} nodes"
+        f"scip status {status}, bound {dual:.6f}, {n_cuts[0]} lazy distinctness cuts, "
+        f"{model.getNNodes()} nodes"
     )
     _logger.info("scip: %s", log[-1])
-    return Assignment(
-        selected_features=selection,
-        class_features=class_features,
-        objective=objective,
-        bound=bound,
-        gap=relative_gap(objective, bound),
-        method="scip",
-        time_s=time.perf_counter() - started,
-        log=log,
-    )
+    return finish_assignment(problem, selection, dual, method="scip", started=started, log=log)
