@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,3 +244,32 @@ def test_solve_dispatches_and_rejects_unknown_methods() -> None:
     validate_assignment(problem, automatic)
     assert automatic.method == "auto"
     assert automatic.bound is None or automatic.bound >= automatic.objective - 1e-6
+
+
+def test_auto_gives_the_search_a_quarter_of_the_time_but_at_most_two_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import openqpm.solver as solver_package
+
+    rng = np.random.default_rng(24)
+    problem = _random_problem(rng, n_all=20, n_classes=6, n_features=6, n_per_class=2)
+    search_limits: list[float] = []
+    real_function = solver_package._solver_function
+
+    def recording(method: str) -> Any:
+        function = real_function(method)
+        if method != "search":
+            return function
+
+        def search(problem: AssignmentProblem, **options: Any) -> Assignment:
+            search_limits.append(options["time_limit_s"])
+            options["time_limit_s"] = 0.2
+            return function(problem, **options)
+
+        return search
+
+    monkeypatch.setattr(solver_package, "_solver_function", recording)
+    for time_limit_s in (8.0, 3600.0):
+        automatic = solve(problem, method="auto", time_limit_s=time_limit_s, max_iterations=3)
+        validate_assignment(problem, automatic)
+    assert search_limits == [2.0, 120.0]
