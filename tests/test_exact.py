@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +271,23 @@ def test_a_bad_start_is_rejected_before_solving(method: str, start: list, messag
     solver = solve_milp if method == "milp" else solve_paper_formulation
     with pytest.raises(ValueError, match=message):
         solver(problem, time_limit_s=30, start=start)
+
+
+def test_highs_solvers_write_nothing_to_standard_output() -> None:
+    # highspy >= 1.16 prints a banner from its constructor; a fresh process shows whether it leaks
+    # (through a pipe, where C stdio buffers it until the process ends)
+    script = (
+        "import numpy as np\n"
+        "from openqpm.solver.exact import solve_milp\n"
+        "from openqpm.solver.paper import solve_paper_formulation\n"
+        "from openqpm.solver.problem import AssignmentProblem\n"
+        "rng = np.random.default_rng(0)\n"
+        "problem = AssignmentProblem(rng.random((4, 7)), np.zeros((7, 7)), np.zeros(7), 4, 2)\n"
+        "solve_milp(problem, time_limit_s=20)\n"
+        "solve_paper_formulation(problem, time_limit_s=20)\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == ""

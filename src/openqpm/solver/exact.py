@@ -60,13 +60,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import logging
 import math
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import sparse
@@ -80,9 +84,12 @@ from openqpm.solver.problem import (
     relative_gap,
 )
 
+if TYPE_CHECKING:
+    import highspy
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["MilpOptions", "distinct_set_cut_holds", "solve_milp"]
+__all__ = ["MilpOptions", "distinct_set_cut_holds", "new_highs", "solve_milp"]
 
 # the branch-and-bound root LP is solved cold, with every penalised pair of the model: measured
 # at ~6x the last warm re-solve of the root phase on the CUB scale (49 s vs 8 s)
@@ -92,6 +99,45 @@ _COLD_LP_FACTOR = 8.0
 # 3 best of them (more sets or a wider window measured no better on the small scale)
 _ANTICIPATED_SETS = 3
 _ANTICIPATED_EXTRA = 2
+
+
+@contextlib.contextmanager
+def _c_stdout_to_null() -> Iterator[None]:
+    """Send what native code writes to the process's standard output (fd 1) to the null device."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no fd 1 to redirect: nothing can leak there
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            # C stdio buffers what it writes to a pipe: flush it while fd 1 is still the null device
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def new_highs(*, threads: int, seed: int) -> highspy.Highs:
+    """A silent ``highspy.Highs`` with the given thread count and random seed.
+
+    highspy 1.16 prints its banner ("Running HiGHS ...") from the constructor, before
+    ``output_flag`` can be turned off; library code must not print, so the constructor runs
+    with the native standard output sent to the null device.
+    """
+    import highspy
+
+    with _c_stdout_to_null():
+        highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("threads", int(threads))
+    highs.setOptionValue("random_seed", int(seed))
+    return highs
 
 
 @dataclass(frozen=True)
@@ -202,10 +248,7 @@ class _Relaxation:
         self.n_all = problem.n_all_features
         self.k = problem.n_per_class
         self.infinity = float(highspy.kHighsInf)
-        highs = highspy.Highs()
-        highs.setOptionValue("output_flag", False)
-        highs.setOptionValue("threads", int(threads))
-        highs.setOptionValue("random_seed", int(seed))
+        highs = new_highs(threads=threads, seed=seed)
         highs.changeObjectiveSense(highspy.ObjSense.kMaximize)
         self.highs = highs
 

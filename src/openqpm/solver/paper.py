@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from openqpm.solver.exact import new_highs
 from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
@@ -163,10 +164,7 @@ class _PaperModel:
         integrality = np.full(n_columns, int(highspy.HighsVarType.kInteger))
         integrality[self.pair_start :] = int(highspy.HighsVarType.kContinuous)
         lp.integrality_ = [highspy.HighsVarType(int(v)) for v in integrality]
-        highs = highspy.Highs()
-        highs.setOptionValue("output_flag", False)
-        highs.setOptionValue("threads", int(threads))
-        highs.setOptionValue("random_seed", int(seed))
+        highs = new_highs(threads=threads, seed=seed)
         highs.passModel(lp)
         self.highs = highs
         self.n_columns = n_columns
