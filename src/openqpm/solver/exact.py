@@ -115,7 +115,7 @@ def _c_stdout_to_null() -> Iterator[None]:
         os.dup2(null, 1)
         yield
     finally:
-        with contextlib.suppress(OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to flush
             # C stdio buffers what it writes to a pipe: flush it while fd 1 is still the null device
             ctypes.CDLL(None).fflush(None)
         os.dup2(saved, 1)
