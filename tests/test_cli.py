@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import openqpm
 from openqpm.cli import main
@@ -120,3 +122,166 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["qpm"]["accuracy"] > 50.0
+
+
+def _argv(tmp_path: Path, data_root: str, *extra: str) -> list[str]:
+    return [
+        "dense",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--data-root",
+        data_root,
+        "--dataset",
+        "synthetic",
+        "--arch",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs-dense",
+        "0",
+        "--n-features",
+        "5",
+        "--n-per-class",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("folder", ["no", "2024_01"])
+def test_flag_values_reach_config_yaml_unchanged(
+    folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--data-root no` was stored as "False" and `--data-root 2024_01` as "202401"."""
+    from openqpm.data.synthetic import make_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    make_synthetic(tmp_path / folder, n_classes=4, n_images_per_class=6, image_size_px=32)
+    assert main(_argv(tmp_path, folder)) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["root"] == folder
+    assert saved["model"]["arch"] == "tiny_cnn" and saved["dense"]["epochs"] == 0
+
+
+def test_unknown_solver_method_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the data root does not exist either: the method is checked first, in well under a second
+    argv = _argv(tmp_path, str(tmp_path / "missing"), "--set", "solver.method=fancy")
+    argv[0] = "train"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "solver.method='fancy'" in err
+    for method in ("auto", "search", "milp", "paper", "gurobi", "scip"):
+        assert method in err
+    assert not (tmp_path / "run").exists()
+    code = main(["solve", "--run-dir", str(tmp_path / "run"), "--method", "nope"])
+    assert code == 2 and "solver.method='nope'" in capsys.readouterr().err
+
+
+def test_solve_of_a_file_refuses_run_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["solve", str(tmp_path / "p.npz"), "--n-features", "3"]) == 2
+    assert "--n-features" in capsys.readouterr().err
+
+
+def test_configs_command_lists_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cub_resnet50", "imagenet_resnet50", "demo", "cars_resnet50"):
+        assert name in out
+
+
+def test_progress_in_a_log_file_is_a_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    from openqpm.cli import _ConsoleReporter
+    from openqpm.training import TrainingProgress
+
+    reporter = _ConsoleReporter(interactive=False)
+    for epoch in (1, 2, 3):
+        for step in range(1, 201):
+            event = TrainingProgress(
+                epoch=epoch,
+                n_epochs=3,
+                step=step,
+                n_steps=200,
+                loss=1.0,
+                accuracy=0.5,
+                lr=0.1,
+                elapsed_s=1.0,
+                eta_s=10.0,
+            )
+            reporter.training_progress("dense", event)
+        reporter.pass_progress("features", epoch, 3)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert sum("epoch" in line for line in lines) == 3
+    assert sum(line.startswith("[features]") for line in lines) == 1
+
+
+def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
+    """A wheel installed elsewhere ships the configs: found by name, from another folder."""
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--target",
+            str(target),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "openqpm.cli", "configs"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "cub_resnet50" in listing.stdout and "imagenet_resnet50" in listing.stdout
+    check = subprocess.run(
+        [sys.executable, "-c", "import openqpm; print(openqpm.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=True,
+    )
+    assert str(target) in check.stdout  # the installed copy, not the source tree
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openqpm.cli",
+            "train",
+            "--config",
+            "cub_resnet50",
+            "--data-root",
+            "MISSING",
+            "--run-dir",
+            "r",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=False,
+    )
+    assert train.returncode == 2
+    assert "MISSING" in train.stderr and "config" not in train.stderr.lower()

@@ -11,14 +11,16 @@ from openqpm.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
+    config_names,
     config_to_dict,
     demo_config,
     load_config,
+    parse_override,
     save_config,
-    stage_hash,
 )
+from openqpm.stages import stage_hash
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "openqpm" / "configs"
 
 
 def test_defaults_are_the_paper_recipe() -> None:
@@ -52,7 +54,9 @@ def test_overrides_parse_types() -> None:
         ("data.crop=maybe", "data.crop"),
         ("nothing", "key=value"),
         ("solver.n_features=2", "n_features must be >= solver.n_per_class"),
-        ("solver.bias=fancy", "solver.bias"),
+        ("finetune.lr_head=-1", "finetune.lr_head"),
+        ("solver.time_limit_s=inf", "solver.time_limit_s"),
+        ("solver=3", "is a section"),
     ],
 )
 def test_bad_overrides_name_the_field(override: str, fragment: str) -> None:
@@ -96,6 +100,57 @@ def test_shipped_configs_load(path: Path) -> None:
     assert cfg.solver.n_per_class >= 1
 
 
-def test_demo_yaml_matches_demo_config() -> None:
+def test_demo_config_is_the_shipped_demo_yaml() -> None:
     loaded = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
     assert loaded == config_to_dict(demo_config())
+    assert demo_config().model.arch == "small_cnn"
+
+
+def test_shipped_configs_load_by_name_and_unknown_names_list_them(tmp_path: Path) -> None:
+    assert {"cub_resnet50", "demo", "imagenet_resnet50"} <= set(config_names())
+    assert load_config("cub_resnet50") == load_config(CONFIG_DIR / "cub_resnet50.yaml")
+    with pytest.raises(ConfigError, match="cub_resnet50"):
+        load_config("cub_resnet5")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nothing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        # text fields keep the text as written: YAML would read these as false and 202401
+        ("data.root=no", "data.root", "no"),
+        ("data.root=2024_01", "data.root", "2024_01"),
+        ("model.weights=null", "model.weights", None),
+        ("solver.n_features=40", "solver.n_features", 40),
+        ("data.crop=false", "data.crop", False),
+    ],
+)
+def test_set_overrides_are_typed_by_their_field(text: str, key: str, value: object) -> None:
+    assert parse_override(text) == (key, value)
+
+
+def test_typed_overrides_round_trip_into_config_yaml(tmp_path: Path) -> None:
+    for root in ("no", "2024_01", "01", "null-ish"):
+        config = apply_overrides(RunConfig(), {"data.root": root, "solver.n_features": 12})
+        save_config(config, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml").data.root == root
+        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["root"] == root
+
+
+def test_mapping_overrides_check_types_and_keys() -> None:
+    config = apply_overrides(RunConfig(), {"solver": {"n_features": 30, "method": "search"}})
+    assert (config.solver.n_features, config.solver.method) == (30, "search")
+    with pytest.raises(ConfigError, match="data.root"):
+        apply_overrides(RunConfig(), {"data.root": 5})
+    with pytest.raises(ConfigError, match="solver.n_featurez"):
+        apply_overrides(RunConfig(), {"solver.n_featurez": 5})
+    with pytest.raises(ConfigError, match="quote it"):
+        apply_overrides(RunConfig(), {"data.dataset": False})
+
+
+def test_non_utf8_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data:\n  root: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(path)

@@ -17,10 +17,26 @@ __version__ = "0.1.0"
 __all__ = [
     "Assignment",
     "AssignmentProblem",
+    "ClassScore",
+    "ConfigError",
+    "FeatureContribution",
+    "ImageExplanation",
+    "PipelineError",
+    "Prediction",
     "QPMModel",
+    "Reporter",
+    "RunConfig",
+    "RunResult",
     "__version__",
+    "config_names",
+    "explain",
     "load",
+    "load_config",
+    "predict",
+    "resolve_device",
+    "run",
     "solve",
+    "stage_names",
     "validate_assignment",
 ]
 
@@ -32,12 +48,41 @@ _LAZY = {
     "solve": "openqpm.solver",
     "QPMModel": "openqpm.models.model",
     "load": "openqpm.models.model",
+    "ConfigError": "openqpm.config",
+    "RunConfig": "openqpm.config",
+    "config_names": "openqpm.config",
+    "load_config": "openqpm.config",
+    "PipelineError": "openqpm.stages",
+    "Reporter": "openqpm.stages",
+    "stage_names": "openqpm.stages",
+    "ClassScore": "openqpm.api",
+    "FeatureContribution": "openqpm.api",
+    "ImageExplanation": "openqpm.api",
+    "Prediction": "openqpm.api",
+    "RunResult": "openqpm.api",
+    "explain": "openqpm.api",
+    "predict": "openqpm.api",
+    "resolve_device": "openqpm.api",
+    "run": "openqpm.api",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from openqpm.api import (
+        ClassScore,
+        FeatureContribution,
+        ImageExplanation,
+        Prediction,
+        RunResult,
+        explain,
+        predict,
+        resolve_device,
+        run,
+    )
+    from openqpm.config import ConfigError, RunConfig, config_names, load_config
     from openqpm.models.model import QPMModel, load
     from openqpm.solver import solve
     from openqpm.solver.problem import Assignment, AssignmentProblem, validate_assignment
+    from openqpm.stages import PipelineError, Reporter, stage_names
 
 
 __getattr__, __dir__ = lazy_exports("openqpm", globals(), _LAZY, __all__)

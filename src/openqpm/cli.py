@@ -8,17 +8,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openqpm
+from openqpm.stages import STAGES, PipelineError, Reporter, stage_names
 
-_STAGE_COMMANDS = {
-    "dense": ("dense",),
-    "features": ("features",),
-    "finetune": ("finetune",),
-}
+if TYPE_CHECKING:  # pragma: no cover
+    from openqpm.config import RunConfig
+    from openqpm.solver.problem import SolverProgress
+    from openqpm.training import TrainingProgress
 
 
 class _CliError(Exception):
@@ -28,14 +29,22 @@ class _CliError(Exception):
 # ----------------------------------------------------------------------------- progress
 
 
-class _ConsoleReporter:
-    """Draws the pipeline's progress on stderr with tqdm bars and one-line solver status."""
+class _ConsoleReporter(Reporter):
+    """Progress on stderr: tqdm bars on a terminal; one line per epoch (or every 30 s) in a file."""
 
-    def __init__(self, *, quiet: bool = False) -> None:
+    _LINE_EVERY_S = 30.0
+
+    def __init__(self, *, quiet: bool = False, interactive: bool | None = None) -> None:
         self.quiet = quiet or not _is_rank_zero()
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._bar: Any = None
         self._bar_key: tuple[str, int] | None = None
+        self._last_line = time.monotonic()
         self._last_solver_print = 0.0
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -43,82 +52,83 @@ class _ConsoleReporter:
             self._bar = None
             self._bar_key = None
 
+    def _bar_for(self, key: tuple[str, int], total: int, label: str) -> Any:
+        from tqdm import tqdm
+
+        if self._bar_key != key:
+            self._close_bar()
+            self._bar = tqdm(total=total or None, desc=label, unit="batch", leave=True)
+            self._bar_key = key
+        return self._bar
+
+    def _line_due(self, done: int, total: int) -> bool:
+        """In a log file: a line at the end of a pass or epoch, else every 30 s."""
+        now = time.monotonic()
+        if done >= total or now - self._last_line >= self._LINE_EVERY_S:
+            self._last_line = now
+            return True
+        return False
+
     def stage_started(self, stage: str, description: str) -> None:
         self._close_bar()
-        if not self.quiet:
-            print(f"[{stage}] {description}", file=sys.stderr, flush=True)
+        self._last_line = time.monotonic()
+        self._say(f"[{stage}] {description}")
 
     def stage_skipped(self, stage: str, reason: str) -> None:
-        if not self.quiet:
-            print(f"[{stage}] {reason}", file=sys.stderr, flush=True)
+        self._say(f"[{stage}] {reason}")
 
     def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
         self._close_bar()
-        if not self.quiet:
-            shown = ", ".join(f"{k}={_short(v)}" for k, v in summary.items())
-            print(f"[{stage}] done: {shown}", file=sys.stderr, flush=True)
+        self._say(f"[{stage}] done: " + ", ".join(f"{k}={_short(v)}" for k, v in summary.items()))
 
-    def training_progress(self, stage: str, event: Any) -> None:
+    def training_progress(self, stage: str, event: TrainingProgress) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
-
-        epoch = int(getattr(event, "epoch", 0))
-        n_epochs = getattr(event, "n_epochs", None)
-        n_steps = int(getattr(event, "n_steps", 0) or 0)
-        step = int(getattr(event, "step", 0) or 0)
-        key = (stage, epoch)
-        if self._bar_key != key:
-            self._close_bar()
-            label = f"{stage} epoch {epoch}" + (f"/{n_epochs}" if n_epochs else "")
-            self._bar = tqdm(total=n_steps or None, desc=label, unit="batch", leave=True)
-            self._bar_key = key
-        postfix = {}
-        for name in ("loss", "accuracy", "lr"):
-            value = getattr(event, name, None)
-            if isinstance(value, (int, float)):
-                postfix[name] = f"{value:.4g}"
-        eta = getattr(event, "eta_s", None)
-        if isinstance(eta, (int, float)):
-            postfix["run left"] = _duration(eta)
-        self._bar.set_postfix(postfix, refresh=False)
-        self._bar.n = step
-        self._bar.refresh()
+        values = f"loss {event.loss:.4g}, accuracy {event.accuracy:.4g}, lr {event.lr:.4g}"
+        if not self.interactive:
+            if self._line_due(event.step, event.n_steps):
+                self._say(
+                    f"[{stage}] epoch {event.epoch}/{event.n_epochs} step "
+                    f"{event.step}/{event.n_steps}: {values}, run left {_duration(event.eta_s)}"
+                )
+            return
+        label = f"{stage} epoch {event.epoch}/{event.n_epochs}"
+        bar = self._bar_for((stage, event.epoch), event.n_steps, label)
+        postfix = {"loss": f"{event.loss:.4g}", "accuracy": f"{event.accuracy:.4g}"}
+        postfix.update({"lr": f"{event.lr:.4g}", "run left": _duration(event.eta_s)})
+        bar.set_postfix(postfix, refresh=False)
+        bar.n = event.step
+        bar.refresh()
 
     def pass_progress(self, stage: str, done: int, total: int) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
+        if not self.interactive:
+            if self._line_due(done, total):
+                self._say(f"[{stage}] {done}/{total} batches")
+            return
+        bar = self._bar_for((stage, -1), total, stage)
+        bar.n = done
+        bar.refresh()
 
-        key = (stage, -1)
-        if self._bar_key != key:
-            self._close_bar()
-            self._bar = tqdm(total=total or None, desc=stage, unit="batch")
-            self._bar_key = key
-        self._bar.n = done
-        self._bar.refresh()
-
-    def solver_progress(self, event: Any) -> None:
+    def solver_progress(self, event: SolverProgress) -> None:
         if self.quiet:
             return
         now = time.monotonic()
-        if now - self._last_solver_print < 0.5 and not getattr(event, "message", ""):
+        if now - self._last_solver_print < 0.5 and not event.message:
             return
         self._last_solver_print = now
-        print("  " + _solver_line(event), file=sys.stderr, flush=True)
+        self._say("  " + _solver_line(event))
 
 
-def _solver_line(event: Any) -> str:
-    objective = getattr(event, "objective", None)
-    bound = getattr(event, "bound", None)
-    gap = getattr(event, "gap", None)
-    elapsed = float(getattr(event, "elapsed_s", 0.0))
-    parts = [f"{elapsed:7.1f}s", f"best {objective:.4f}" if objective is not None else "best -"]
+def _solver_line(event: SolverProgress) -> str:
+    objective, bound, gap = event.objective, event.bound, event.gap
+    parts = [f"{event.elapsed_s:7.1f}s"]
+    parts.append(f"best {objective:.4f}" if objective is not None else "best -")
     parts.append(f"bound {bound:.4f}" if bound is not None else "bound -")
     parts.append(f"gap {100 * gap:.3f}%" if gap is not None else "gap -")
-    message = getattr(event, "message", "")
-    if message:
-        parts.append(str(message))
+    if event.message:
+        parts.append(str(event.message))
     return "  ".join(parts)
 
 
@@ -142,34 +152,56 @@ def _is_rank_zero() -> bool:
 # ----------------------------------------------------------------------------- shared options
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, require_run_dir: bool = True) -> None:
+@dataclass(frozen=True)
+class _Flag:
+    """One command-line flag that sets one config field, with its value's type."""
+
+    flag: str
+    field: str
+    type: Callable[[str], Any]
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return "field:" + self.field
+
+
+# The one table of flags: argparse and the overrides are both derived from it.
+_FLAGS: tuple[_Flag, ...] = (
+    _Flag("--dataset", "data.dataset", str, "data set layout (see `openqpm data check`)"),
+    _Flag("--data-root", "data.root", str, "data set folder"),
+    _Flag("--arch", "model.arch", str, "backbone name"),
+    _Flag("--weights", "model.weights", str, "local pretrained weights file"),
+    _Flag("--image-size", "data.image_size_px", int, "input side in px"),
+    _Flag("--n-features", "solver.n_features", int, "features to select"),
+    _Flag("--n-per-class", "solver.n_per_class", int, "features per class"),
+    _Flag("--epochs-dense", "dense.epochs", int, "dense training epochs"),
+    _Flag("--epochs-finetune", "finetune.epochs", int, "fine-tuning epochs"),
+    _Flag("--batch-size", "data.batch_size", int, "batch size per process"),
+    _Flag("--method", "solver.method", str, "solver method (auto, search, milp, ...)"),
+    _Flag("--time-limit", "solver.time_limit_s", float, "solver time limit in seconds"),
+    _Flag("--seed", "seed", int, "seed of data order, initialisation, solver and metrics"),
+    _Flag("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, positional_run_dir: bool) -> None:
     group = parser.add_argument_group("run settings (each also a --set key)")
-    group.add_argument("--config", type=Path, help="YAML config whose sections override defaults")
-    group.add_argument("--run-dir", type=Path, required=require_run_dir, help="run directory")
+    if positional_run_dir:
+        group.add_argument("run_dir_positional", type=Path, nargs="?", metavar="RUN_DIR")
     group.add_argument(
-        "--dataset",
-        choices=[
-            "cub",
-            "travelingbirds",
-            "cars",
-            "aircraft",
-            "imagenet",
-            "imagefolder",
-            "synthetic",
-        ],
-        help="data set layout (data.dataset)",
+        "--config", help="a shipped configuration's name (`openqpm configs`) or a YAML path"
     )
-    group.add_argument("--data-root", help="data set folder (data.root)")
-    group.add_argument("--arch", help="backbone name (model.arch)")
-    group.add_argument("--weights", help="local pretrained weights file (model.weights)")
-    group.add_argument("--image-size", type=int, help="input side in px (data.image_size_px)")
-    group.add_argument("--n-features", type=int, help="features to select (solver.n_features)")
-    group.add_argument("--n-per-class", type=int, help="features per class (solver.n_per_class)")
-    group.add_argument("--epochs-dense", type=int, help="dense training epochs (dense.epochs)")
-    group.add_argument("--epochs-finetune", type=int, help="fine-tuning epochs (finetune.epochs)")
-    group.add_argument("--batch-size", type=int, help="batch size per process (data.batch_size)")
-    group.add_argument("--seed", type=int, help="seed (seed)")
-    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (device)")
+    group.add_argument("--run-dir", type=Path, help="run directory")
+    for flag in _FLAGS:
+        metavar = {int: "N", float: "X"}.get(flag.type, flag.field.rsplit(".", 1)[-1].upper())
+        group.add_argument(
+            flag.flag,
+            dest=flag.dest,
+            type=flag.type,
+            metavar=metavar,
+            help=f"{flag.help} ({flag.field})",
+        )
     group.add_argument(
         "--resume",
         action="store_true",
@@ -185,64 +217,36 @@ def _add_run_options(parser: argparse.ArgumentParser, *, require_run_dir: bool =
     )
 
 
-_FLAG_KEYS = {
-    "dataset": "data.dataset",
-    "data_root": "data.root",
-    "arch": "model.arch",
-    "weights": "model.weights",
-    "image_size": "data.image_size_px",
-    "n_features": "solver.n_features",
-    "n_per_class": "solver.n_per_class",
-    "epochs_dense": "dense.epochs",
-    "epochs_finetune": "finetune.epochs",
-    "batch_size": "data.batch_size",
-    "seed": "seed",
-    "device": "device",
-}
+def _run_dir(args: argparse.Namespace) -> Path:
+    positional = getattr(args, "run_dir_positional", None)
+    if positional is not None and args.run_dir is not None and positional != args.run_dir:
+        raise _CliError(f"two run directories given: {positional} and {args.run_dir}")
+    run_dir = positional if positional is not None else args.run_dir
+    if run_dir is None:
+        raise _CliError(f"openqpm {args.command}: give the run directory (RUN_DIR or --run-dir)")
+    return Path(run_dir)
 
 
-def _resolve_config(args: argparse.Namespace) -> Any:
-    from openqpm.config import load_config
+def _resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
+    """The config file (or the run's own config.yaml), then the typed flags, then --set."""
+    from openqpm.config import apply_overrides, load_config
 
-    overrides = []
-    for attribute, key in _FLAG_KEYS.items():
-        value = getattr(args, attribute, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    overrides.extend(args.overrides)
-    config_path = args.config
     base = None
-    run_config = args.run_dir / "config.yaml" if args.run_dir else None
-    if config_path is None and run_config is not None and run_config.is_file():
-        # A stage command on an existing run continues with that run's configuration.
-        base = load_config(run_config)
-    return load_config(config_path, base=base, overrides=overrides)
-
-
-def _pick_device(name: str) -> Any:
-    import torch
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _CliError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+    if args.config is None and (run_dir / "config.yaml").is_file():
+        # A command on an existing run continues with that run's configuration.
+        base = load_config(run_dir / "config.yaml")
+    config = load_config(args.config, base=base)
+    typed = {f.field: getattr(args, f.dest) for f in _FLAGS if getattr(args, f.dest) is not None}
+    config = apply_overrides(config, typed)
+    return apply_overrides(config, args.overrides)
 
 
 def _set_threads(requested: int | None) -> None:
     """Choose torch's CPU thread count: the request, else the cores left idle by other work.
 
     PyTorch's thread team spins while it waits for its slowest thread; on a machine whose cores
-    are busy with other processes, two threads can be ten times slower than one (measured on a
-    loaded 2-core machine: 1.25 s against 0.08 s per demo step). So by default we leave busy
-    cores alone.
+    are busy with other processes, two threads can be many times slower than one
+    (``benchmarks/training.py`` measures it). So by default we leave busy cores alone.
     """
     import torch
 
@@ -275,20 +279,23 @@ def _init_distributed(device: Any) -> None:
     dist.init_process_group(backend=backend)
 
 
-def _run_stages(args: argparse.Namespace, stages: Sequence[str]) -> int:
-    from openqpm.pipeline import run_pipeline
+def _run(config: RunConfig, run_dir: Path, stages: Sequence[str], *, resume: bool) -> int:
+    from openqpm.api import run
 
-    config = _resolve_config(args)
-    device = _pick_device(config.device)
-    _init_distributed(device)
-    reporter = _ConsoleReporter()
     started = time.perf_counter()
-    summaries = run_pipeline(
-        config, args.run_dir, device=device, stages=stages, resume=args.resume, reporter=reporter
-    )
+    result = run(config, run_dir, stages=stages, resume=resume, reporter=_ConsoleReporter())
     if _is_rank_zero():
-        _print_summary(args.run_dir, summaries, time.perf_counter() - started)
+        _print_summary(run_dir, result.summaries, time.perf_counter() - started)
     return 0
+
+
+def _run_stages(args: argparse.Namespace, stages: Sequence[str]) -> int:
+    run_dir = _run_dir(args)
+    config = _resolve_config(args, run_dir)
+    from openqpm.api import resolve_device
+
+    _init_distributed(resolve_device(config.device))
+    return _run(config, run_dir, stages, resume=args.resume)
 
 
 def _print_summary(run_dir: Path, summaries: dict[str, Any], elapsed_s: float) -> None:
@@ -316,26 +323,29 @@ def _print_summary(run_dir: Path, summaries: dict[str, Any], elapsed_s: float) -
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from openqpm.pipeline import STAGES
-
-    return _run_stages(args, STAGES)
+    return _run_stages(args, stage_names())
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    return _run_stages(args, _STAGE_COMMANDS[args.command])
+    return _run_stages(args, (args.command,))
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
     if args.problem is None:
-        if args.run_dir is None:
-            raise _CliError("openqpm solve: give a problem.npz file or --run-dir")
         return _run_stages(args, ("problem", "assignment"))
     from openqpm.solver import AssignmentProblem, solve
 
-    reporter = _ConsoleReporter()
+    unused = [f.flag for f in _FLAGS if f.flag not in _SOLVE_FLAGS and getattr(args, f.dest)]
+    if unused or args.overrides or args.config or args.run_dir:
+        shown = ", ".join(unused + (["--set"] if args.overrides else []))
+        raise _CliError(
+            f"solve PROBLEM.npz takes --method, --time-limit, --seed and --out only; got "
+            f"{shown or '--config/--run-dir'} (use --run-dir without PROBLEM for a run)"
+        )
     problem = AssignmentProblem.load(args.problem)
-    method = args.method or "auto"
-    time_limit_s = args.time_limit if args.time_limit is not None else 60.0
+    method = getattr(args, "field:solver.method") or "auto"
+    time_limit_s = getattr(args, "field:solver.time_limit_s") or 60.0
+    seed = getattr(args, "field:seed") or 0
     print(
         f"Solving {args.problem}: {problem.A.shape[0]} classes, {problem.A.shape[1]} features, "
         f"select {problem.n_features}, {problem.n_per_class} per class; method {method}, "
@@ -346,8 +356,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         problem,
         method=method,
         time_limit_s=time_limit_s,
-        seed=args.seed if args.seed is not None else 0,
-        progress=reporter.solver_progress,
+        seed=seed,
+        progress=_ConsoleReporter().solver_progress,
     )
     out = args.out or args.problem.with_name("assignment.json")
     assignment.save(out)
@@ -360,25 +370,17 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    args.run_dir = args.run_dir_positional
-    args.config = None
-    args.overrides = list(args.overrides)
-    for attribute in _FLAG_KEYS:
-        setattr(args, attribute, getattr(args, attribute, None))
-    args.resume = True
-    return _run_stages(args, (args.command,))
+_SOLVE_FLAGS = ("--method", "--time-limit", "--seed")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from openqpm.config import apply_overrides, demo_config, with_overrides
+    from openqpm.config import apply_overrides, demo_config
     from openqpm.data.synthetic import make_synthetic
 
     run_dir: Path = args.run_dir
     data_dir = run_dir / "data"
     started = time.perf_counter()
-    marker = data_dir / "openqpm_synthetic.json"
-    if marker.is_file():
+    if (data_dir / "openqpm_synthetic.json").is_file():
         print(f"[data] reusing the embedded data set in {data_dir}", file=sys.stderr)
     else:
         print(f"[data] generating the embedded data set in {data_dir}", file=sys.stderr)
@@ -389,19 +391,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             image_size_px=64,
             seed=args.seed,
         )
-    config = with_overrides(demo_config(), data={"root": str(data_dir)})
-    config = apply_overrides(config, [f"seed={args.seed}", *args.overrides])
-    from openqpm.pipeline import STAGES, run_pipeline
+    config = apply_overrides(demo_config(), {"data.root": str(data_dir), "seed": args.seed})
+    config = apply_overrides(config, args.overrides)
+    from openqpm.api import run
 
-    device = _pick_device(config.device)
-    summaries = run_pipeline(
-        config, run_dir, device=device, stages=STAGES, resume=True, reporter=_ConsoleReporter()
-    )
-    _print_summary(run_dir, summaries, time.perf_counter() - started)
+    result = run(config, run_dir, resume=True, reporter=_ConsoleReporter())
+    _print_summary(run_dir, result.summaries, time.perf_counter() - started)
     print(
         "\nNext: open the report in a browser, or train on your own data with\n"
-        "  openqpm train --config configs/cub_resnet50.yaml --data-root PATH --run-dir runs/cub"
+        "  openqpm train --config cub_resnet50 --data-root PATH --run-dir runs/cub"
     )
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from openqpm.config import config_description, config_names
+
+    for name in config_names():
+        print(f"{name:<28} {config_description(name)}")
     return 0
 
 
@@ -473,39 +480,27 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=_cmd_demo)
 
-    train = commands.add_parser("train", help="run every stage: dense, features, solve, ...")
-    _add_run_options(train)
+    train = commands.add_parser("train", help="run every stage: " + ", ".join(stage_names()))
+    _add_run_options(train, positional_run_dir=False)
     train.set_defaults(handler=_cmd_train)
 
-    for name, text in (
-        ("dense", "train the dense model"),
-        ("features", "compute the training-set feature statistics"),
-        ("finetune", "fine-tune with the assignment fixed"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        _add_run_options(sub)
-        sub.set_defaults(handler=_cmd_stage)
+    for stage in STAGES:
+        if stage.command:
+            sub = commands.add_parser(stage.name, help=f"{stage.description} (stage {stage.name})")
+            _add_run_options(sub, positional_run_dir=True)
+            sub.set_defaults(handler=_cmd_stage)
 
     solve = commands.add_parser(
         "solve",
         help="solve an assignment problem (problem.npz), or the problem of a run directory",
     )
     solve.add_argument("problem", type=Path, nargs="?", help="problem.npz (A, R, b, sizes)")
-    solve.add_argument("--time-limit", type=float, help="seconds (default 60)")
     solve.add_argument("--out", type=Path, help="assignment.json to write")
-    solve.add_argument("--method", help="auto, search, milp, paper, gurobi or scip")
-    _add_run_options(solve, require_run_dir=False)
+    _add_run_options(solve, positional_run_dir=False)
     solve.set_defaults(handler=_cmd_solve)
 
-    for name, text in (
-        ("evaluate", "compute every metric of the run's dense and QPM models"),
-        ("report", "write the run's HTML report"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("run_dir_positional", type=Path, metavar="RUN_DIR")
-        sub.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-        sub.add_argument("--set", dest="overrides", action="append", default=[])
-        sub.set_defaults(handler=_cmd_evaluate)
+    configs = commands.add_parser("configs", help="list the shipped configurations")
+    configs.set_defaults(handler=_cmd_configs)
 
     data = commands.add_parser("data", help="make or check data sets")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -553,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from openqpm.config import ConfigError
 
     try:
-        if args.command in {"demo", "train", "dense", "features", "finetune", "evaluate", "report"}:
+        if args.command == "demo" or args.command == "train" or args.command in stage_names():
             _set_threads(args.threads)
         return int(handler(args))
     except _CliError as error:
@@ -566,22 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nopenqpm: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
     except Exception as error:
-        # Known, explained failures (bad data, bad input) become one clear line; anything else
-        # keeps its traceback so that it can be reported.
-        from openqpm.data._base import DatasetError
-        from openqpm.pipeline import PipelineError
-        from openqpm.training import TrainingDivergedError
+        # Known, explained failures (bad data, bad input) become one clear line (-v shows the
+        # traceback); anything else keeps its traceback so that it can be reported.
+        if getattr(args, "verbose", False) or not isinstance(error, _explained_errors()):
+            raise
+        print(f"openqpm: error: {error}", file=sys.stderr)
+        return 2
 
-        explained: tuple[type[BaseException], ...] = (
-            PipelineError,
-            DatasetError,
-            TrainingDivergedError,
-            FileNotFoundError,
-        )
-        if isinstance(error, explained):
-            print(f"openqpm: error: {error}", file=sys.stderr)
-            return 2
-        raise
+
+def _explained_errors() -> tuple[type[BaseException], ...]:
+    from openqpm.data._base import DatasetError
+    from openqpm.training import TrainingDivergedError
+
+    return (PipelineError, DatasetError, TrainingDivergedError, FileNotFoundError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Typed, frozen run configuration; YAML in and out; ``key=value`` overrides; stage hashes.
+"""Typed, frozen run configuration; YAML in and out; typed overrides; the shipped configurations.
 
 A configuration is a tree of frozen dataclasses. Every field has a default and a short comment;
 a YAML file only overrides defaults, and the resolved configuration is saved with the results
@@ -14,17 +14,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import importlib.resources
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 import yaml
+
+from openqpm._io import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -35,12 +35,16 @@ __all__ = [
     "RunConfig",
     "SolverConfig",
     "apply_overrides",
+    "config_description",
     "config_from_dict",
+    "config_names",
     "config_to_dict",
     "demo_config",
     "load_config",
+    "parse_override",
     "save_config",
-    "stage_hash",
+    "validate_config",
+    "with_overrides",
 ]
 
 
@@ -107,10 +111,10 @@ class SolverConfig:
 
     n_features: int = 50  # features selected out of the backbone's n_f
     n_per_class: int = 5  # features assigned to every class
-    bias: str = "locality"  # locality | locality_paper | center | none
+    bias: str = "locality"  # a name of openqpm.constants.BIAS_NAMES
     bias_strength: float = 1.0 / math.sqrt(10.0)  # max |b| (the paper's lambda)
-    r_scaling: str = "code"  # code: (r - m)/(M - m) | paper: r / M
-    method: str = "auto"  # auto | search | milp | paper | gurobi
+    r_scaling: str = "code"  # openqpm.constants.R_SCALINGS; code: (r-m)/(M-m), paper: r/M
+    method: str = "auto"  # a name of openqpm.solver.solver_methods()
     time_limit_s: float = 60.0
 
 
@@ -142,42 +146,9 @@ def resolved_reduced_strides(model: ModelConfig) -> bool:
 def demo_config() -> RunConfig:
     """The configuration of ``openqpm demo``: the embedded data set, a small CNN, CPU-sized.
 
-    ``configs/demo.yaml`` holds the same values (a test keeps the two equal).
+    It is the shipped configuration ``demo`` (``openqpm configs`` lists them all).
     """
-    return RunConfig(
-        data=DataConfig(
-            dataset="synthetic",
-            root="",
-            crop=True,
-            image_size_px=64,
-            augment="light",
-            batch_size=32,
-            num_workers=0,
-        ),
-        model=ModelConfig(arch="small_cnn", weights=None, reduced_strides=None),
-        dense=DenseConfig(
-            epochs=12,
-            lr_backbone=0.05,
-            lr_head=0.05,
-            momentum=0.9,
-            weight_decay=5e-4,
-            step_size_epochs=5,
-            gamma=0.4,
-        ),
-        finetune=FinetuneConfig(
-            epochs=5,
-            lr_backbone=5e-3,
-            lr_head=5e-3,
-            momentum=0.9,
-            weight_decay=5e-4,
-            step_size_epochs=3,
-            gamma=0.4,
-        ),
-        solver=SolverConfig(n_features=50, n_per_class=5, time_limit_s=20.0),
-        seed=0,
-        device="cpu",
-        amp=False,
-    )
+    return load_config("demo")
 
 
 # ----------------------------------------------------------------------------- dict conversion
@@ -228,9 +199,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
     if annotation is str or text.startswith("str"):
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+        if not isinstance(value, str):
+            # YAML reads `root: 2024_01` as a number and `root: no` as false: say so, never guess
+            raise ConfigError(f"{where}: expected a string, got {value!r} (quote it in YAML)")
+        return value
     return value
 
 
@@ -270,13 +242,15 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 def validate_config(config: RunConfig) -> None:
     """Check value ranges that no type annotation expresses.
 
+    Names chosen from a list (data set, backbone, solver method, bias, ...) are checked against
+    the list their module owns by :func:`openqpm.pipeline.check_inputs`, before any work.
+
     Raises:
         ConfigError: naming the field and the expected range.
     """
     checks: list[tuple[bool, str]] = [
         (config.data.image_size_px >= 16, "data.image_size_px must be at least 16"),
         (config.data.batch_size >= 1, "data.batch_size must be at least 1"),
-        (config.data.augment in {"paper", "light"}, "data.augment must be paper or light"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (0.0 <= config.model.dense_dropout < 1.0, "model.dense_dropout must be in [0, 1)"),
         (0.0 <= config.model.qpm_dropout < 1.0, "model.qpm_dropout must be in [0, 1)"),
@@ -289,88 +263,185 @@ def validate_config(config: RunConfig) -> None:
         ),
         (config.solver.time_limit_s > 0, "solver.time_limit_s must be positive"),
         (config.solver.bias_strength >= 0, "solver.bias_strength must be >= 0"),
-        (
-            config.solver.bias in {"locality", "locality_paper", "center", "none"},
-            "solver.bias must be one of locality, locality_paper, center, none",
-        ),
-        (config.solver.r_scaling in {"code", "paper"}, "solver.r_scaling must be code or paper"),
     ]
     for step_name in ("dense", "finetune"):
         step = getattr(config, step_name)
         checks.append((step.step_size_epochs >= 1, f"{step_name}.step_size_epochs must be >= 1"))
         checks.append((step.lr_backbone >= 0, f"{step_name}.lr_backbone must be >= 0"))
+        checks.append((step.lr_head >= 0, f"{step_name}.lr_head must be >= 0"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- overrides
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def _field_annotation(path: list[str], text: str) -> Any:
+    """The annotation of the field at ``path`` (``["solver", "n_features"]``)."""
+    cls: Any = RunConfig
+    for depth, part in enumerate(path):
+        hints = get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(path[: depth + 1])
+            valid = ", ".join(sorted(hints))
+            raise ConfigError(f"override {text!r}: unknown key {where}; valid keys here: {valid}")
+        annotation = hints[part]
+        if depth < len(path) - 1:
+            if not is_dataclass(annotation):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(path[: depth + 1])} is not a config section"
+                )
+            cls = annotation
+    if is_dataclass(annotation):
+        raise ConfigError(f"override {text!r}: {'.'.join(path)} is a section, not a field")
+    return annotation
+
+
+def _is_text_field(annotation: Any) -> bool:
+    return annotation is str or str(annotation).startswith("str")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.field=value`` into the dotted key and a value of the field's type.
+
+    The value is read as a YAML scalar (``3`` is a number, ``true`` a boolean, ``null`` None),
+    except for text fields, which keep the text as written (``data.root=no`` is the folder "no",
+    ``data.root=2024_01`` is "2024_01"); ``null`` still means None where the field allows it.
+
+    Raises:
+        ConfigError: no ``=``, an unknown key, or a section instead of a field.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. solver.n_features=40")
     key, raw = text.split("=", 1)
     path = [part for part in key.strip().split(".") if part]
     if not path:
         raise ConfigError(f"override {text!r}: empty key")
-    # YAML parsing gives numbers, booleans and null their natural types ("3" -> 3, "null" -> None).
+    annotation = _field_annotation(path, text)
+    raw = raw.strip()
+    if _is_text_field(annotation) and raw not in {"null", "~", "None"}:
+        return ".".join(path), raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    return path, value
+    return ".".join(path), value
 
 
-def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
-    """Return ``config`` with ``section.field=value`` overrides applied and validated.
+def apply_overrides(
+    config: RunConfig, overrides: Iterable[str] | Mapping[str, Any] = ()
+) -> RunConfig:
+    """Return ``config`` with overrides applied and validated.
+
+    Args:
+        config: the configuration to change.
+        overrides: ``"section.field=value"`` strings (parsed by :func:`parse_override`), or a
+            mapping of dotted keys to typed values (``{"solver.n_features": 40}``); a value
+            that is a mapping sets several fields of a section (``{"solver": {...}}``).
 
     Raises:
-        ConfigError: an unknown key or a value of the wrong type.
+        ConfigError: an unknown key or a value of the wrong type, named by its dotted path.
     """
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides]
     data = config_to_dict(config)
-    for text in overrides:
-        path, value = _parse_override(text)
+    for key, value in items:
+        path = [part for part in str(key).split(".") if part]
+        if isinstance(value, Mapping):
+            for name, item in value.items():
+                items.append((f"{key}.{name}", item))
+            continue
+        _field_annotation(path, f"{key}={value!r}")
         node: Any = data
-        for depth, part in enumerate(path[:-1]):
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                raise ConfigError(
-                    f"override {text!r}: {'.'.join(path[: depth + 1])} is not a config section"
-                )
+        for part in path[:-1]:
             node = node[part]
-        if not isinstance(node, dict) or path[-1] not in node:
-            raise ConfigError(f"override {text!r}: unknown key {'.'.join(path)}")
         node[path[-1]] = value
     return config_from_dict(data)
 
 
+# ----------------------------------------------------------------------------- files
+
+def _packaged_folder() -> Any:
+    # a plain data folder inside the package (not a package itself): shipped as package data
+    return importlib.resources.files("openqpm").joinpath("configs")
+
+
+def config_names() -> list[str]:
+    """The configurations shipped with openqpm (``cub_resnet50``, ``demo``, ...), sorted."""
+    folder = _packaged_folder()
+    return sorted(
+        item.name.removesuffix(".yaml") for item in folder.iterdir() if item.name.endswith(".yaml")
+    )
+
+
+def config_description(name: str) -> str:
+    """The first comment line of a shipped configuration (what it reproduces)."""
+    text = _packaged_text(name)
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _packaged_text(name: str) -> str:
+    if name not in config_names():
+        raise ConfigError(
+            f"no configuration named {name!r}; shipped: {', '.join(config_names())} "
+            "(or give the path of a YAML file)"
+        )
+    return str(_packaged_folder().joinpath(f"{name}.yaml").read_text("utf-8"))
+
+
+def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(text, label)`` of a YAML path or a shipped configuration's name."""
+    file = Path(source)
+    if file.is_file():
+        try:
+            return file.read_text(encoding="utf-8"), str(file)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {file} is not UTF-8 text ({error})") from None
+        except OSError as error:
+            raise ConfigError(f"config file {file} cannot be read: {error}") from None
+    name = str(source)
+    if file.suffix in {".yaml", ".yml"} or os.sep in name or "/" in name:
+        hint = f"; shipped configurations: {', '.join(config_names())}"
+        raise ConfigError(f"config file {file} does not exist{hint}")
+    return _packaged_text(name), f"configuration {name!r}"
+
+
 def load_config(
-    path: str | os.PathLike[str] | None,
+    source: str | os.PathLike[str] | None,
     *,
     base: RunConfig | None = None,
-    overrides: Iterable[str] = (),
+    overrides: Iterable[str] | Mapping[str, Any] = (),
 ) -> RunConfig:
-    """Read a YAML file over ``base`` (default: the paper defaults), then apply overrides.
+    """Read a YAML file or a shipped configuration over ``base``, then apply overrides.
 
     Args:
-        path: a YAML file whose sections override defaults, or None for defaults only.
-        base: the configuration the file overrides.
-        overrides: ``section.field=value`` strings applied last.
+        source: the path of a YAML file whose sections override defaults, the name of a shipped
+            configuration (:func:`config_names`, e.g. ``"cub_resnet50"``), or None for defaults.
+        base: the configuration the file overrides (default: the paper's defaults).
+        overrides: applied last; see :func:`apply_overrides`.
 
     Raises:
-        ConfigError: the file is missing or malformed; the message names the file and field.
+        ConfigError: the file or name is unknown or malformed; the message names it and the field.
+
+    Example:
+        >>> load_config("cub_resnet50", overrides={"solver.n_features": 40}).solver.n_features
+        40
     """
     config = base if base is not None else RunConfig()
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist")
+    if source is not None:
+        text, label = _read_source(source)
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+            raise ConfigError(f"{label} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {file}: expected a mapping of sections at top level")
+            raise ConfigError(f"{label}: expected a mapping of sections at top level")
         merged = config_to_dict(config)
         for key, value in loaded.items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -380,97 +451,13 @@ def load_config(
         try:
             config = config_from_dict(merged)
         except ConfigError as error:
-            raise ConfigError(f"config file {file}: {error}") from None
+            raise ConfigError(f"{label}: {error}") from None
     return apply_overrides(config, overrides)
 
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved configuration as YAML, atomically."""
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    atomic_write_text(Path(path), text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- hashing
-
-# The configuration fields each stage's output depends on (dotted paths, or "stage:<name>" for
-# the hash of an upstream stage). Fields that only change speed (num_workers, device, amp) are
-# left out on purpose: changing them must not invalidate finished work.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "dense": (
-        "data.dataset",
-        "data.root",
-        "data.crop",
-        "data.image_size_px",
-        "data.augment",
-        "data.batch_size",
-        "model.arch",
-        "model.weights",
-        "model.reduced_strides",
-        "model.dense_dropout",
-        "model.diversity_beta",
-        "dense",
-        "seed",
-    ),
-    "features": ("stage:dense",),
-    "problem": (
-        "stage:features",
-        "solver.n_features",
-        "solver.n_per_class",
-        "solver.bias",
-        "solver.bias_strength",
-        "solver.r_scaling",
-    ),
-    "assignment": ("stage:problem", "solver.method", "solver.time_limit_s", "seed"),
-    "finetune": ("stage:assignment", "model.qpm_dropout", "finetune"),
-    "evaluate": ("stage:finetune",),
-    "report": ("stage:evaluate", "report_max_classes"),
-}
-
-
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def stage_hash(config: RunConfig, stage: str, *, _cache: dict[str, str] | None = None) -> str:
-    """A short hash of every configuration field ``stage`` depends on, upstream stages included.
-
-    Two configurations give the same hash for a stage exactly when that stage would compute the
-    same result, so a finished stage is reused only when its hash matches.
-
-    Raises:
-        KeyError: ``stage`` is not one of :data:`STAGE_FIELDS`.
-    """
-    if stage not in STAGE_FIELDS:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_FIELDS)}")
-    cache = {} if _cache is None else _cache
-    if stage in cache:
-        return cache[stage]
-    data = config_to_dict(config)
-    parts: dict[str, Any] = {"stage": stage}
-    for item in STAGE_FIELDS[stage]:
-        if item.startswith("stage:"):
-            parts[item] = stage_hash(config, item.removeprefix("stage:"), _cache=cache)
-        else:
-            parts[item] = _lookup(data, item)
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    cache[stage] = digest
-    return digest
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def with_overrides(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfig:

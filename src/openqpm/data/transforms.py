@@ -19,7 +19,7 @@ from openqpm.data._base import IMAGENET_MEAN_STD, ImageDataset, MeanStd
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DATASET_STATS", "build_transforms", "compute_mean_std"]
+__all__ = ["AUGMENTATIONS", "DATASET_STATS", "build_transforms", "compute_mean_std"]
 
 # Per-channel (mean, std) of each data set, as in the reference code's dataset parameters
 # (spec §6). The synthetic set stores its own statistics in openqpm_synthetic.json.
@@ -33,6 +33,10 @@ DATASET_STATS: dict[str, MeanStd] = {
 
 _JITTER = 0.1  # brightness, contrast and saturation jitter of the reference code
 _PADDING_PX = 4  # zero padding of the random crop
+
+
+# the names ``build_transforms(augment=...)`` accepts (``data.augment`` in a configuration)
+AUGMENTATIONS = ("paper", "light")
 
 
 def build_transforms(
@@ -73,8 +77,8 @@ def build_transforms(
         raise ValueError(f"image_size_px must be positive, got {image_size_px}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 channels each, got {list(mean)} and {list(std)}")
-    if augment not in ("paper", "light"):
-        raise ValueError(f"augment must be 'paper' or 'light', got {augment!r}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if any(float(value) <= 0 for value in std):
         raise ValueError(f"std must be positive in every channel, got {list(std)}")
     size = int(image_size_px)

@@ -1,0 +1,142 @@
+"""Small helpers shared across openqpm: atomic writes, JSON of numpy values, batches, eval mode.
+
+One definition of each, imported wherever it is needed. This module imports no torch at load time
+(the solver and the data generator use it too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "eval_mode",
+    "is_main_process",
+    "to_jsonable",
+    "unpack_batch",
+]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    Whatever is written to the yielded path replaces ``path`` in one rename, so readers never see
+    a half-written file; on an exception the temporary file is removed and ``path`` is untouched.
+    The file gets the usual permissions (0666 less the umask), not ``mkstemp``'s 0600.
+
+    Args:
+        path: the final file; its folder is created when missing.
+        suffix: the temporary file's suffix (some writers choose the format by it).
+
+    Yields:
+        The temporary path to write to.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, binary: bool
+) -> None:
+    """Write ``path`` through ``write(file_object)`` into a temporary file, synced, then renamed.
+
+    Args:
+        path: the final file.
+        write: called once with the open temporary file.
+        binary: open it in binary mode (else UTF-8 text).
+    """
+    with atomic_path(path) as temporary:
+        mode = "wb" if binary else "w"
+        with open(temporary, mode, encoding=None if binary else "utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (never half-written)."""
+    atomic_write(path, lambda handle: handle.write(text), binary=False)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (never half-written)."""
+    atomic_write(path, lambda handle: handle.write(data), binary=True)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON values from numpy scalars and arrays, dataclasses, paths, tuples and mappings.
+
+    Non-finite floats become None (JSON has no NaN); unknown objects become their ``str``.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy arrays and scalars
+        return to_jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def unpack_batch(batch: Any, *, name: str = "the loader") -> tuple[Any, Any]:
+    """``(images, labels)`` of a batch, labels as a tensor.
+
+    Raises:
+        ValueError: the batch is not an ``(images, labels, ...)`` sequence; names ``name``.
+    """
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError(f"{name} must yield (images, labels) batches, got {type(batch).__name__}")
+    import torch
+
+    return batch[0], torch.as_tensor(batch[1])
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Put ``model`` (a ``torch.nn.Module``) in eval mode; restore its previous mode on exit."""
+    was_training = bool(model.training)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torch.distributed`` job, and always in a single process."""
+    from openqpm import distributed
+
+    return distributed.rank() == 0
