@@ -223,25 +223,18 @@ def test_progress_in_a_log_file_is_a_line_per_epoch(capsys: pytest.CaptureFixtur
 
 def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
     """A wheel installed elsewhere ships the configs: found by name, from another folder."""
+    import shutil
+
+    # build from a copy, so that the build leaves nothing in the source tree
+    source = tmp_path / "source"
     root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "--target",
-            str(target),
-            str(root),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=tmp_path,
-    )
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
+    command += ["-q", "--target", str(target), str(source)]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -21,7 +21,7 @@ from openqpm import distributed
 from openqpm.constants import build_problem
 from openqpm.features import FeaturePass, extract_features
 from openqpm.models import DenseHead, QPMModel, create_backbone
-from openqpm.training import make_loader, read_checkpoint_info, train_model
+from openqpm.training import TrainingSchedule, make_loader, read_checkpoint_info, train_model
 
 N_CLASSES = 4
 N_IMAGES = 23  # odd on purpose: the two ranks get 12 and 11 images
@@ -128,9 +128,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         plain = extract_features(_model(), DataLoader(dataset, batch_size=5), device="cpu")
         problem = _problem_arrays(feature_pass)
         model = _model()
-        train_model(
-            model,
-            make_loader(dataset, batch_size=4, train=True, seed=3),
+        schedule = TrainingSchedule(
             epochs=2,
             lr_backbone=0.05,
             lr_head=0.05,
@@ -139,8 +137,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             step_size_epochs=1,
             gamma=0.5,
             diversity_beta=0.2,
-            device="cpu",
             seed=3,
+        )
+        train_model(
+            model,
+            make_loader(dataset, batch_size=4, train=True, seed=3),
+            schedule,
+            device="cpu",
             checkpoint_path=out / "ddp.ckpt",
         )
         parameters = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
@@ -186,4 +189,4 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
         np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
     info = read_checkpoint_info(tmp_path / "ddp.ckpt")
     assert info["epochs_completed"] == 2 and info["hyperparameters"]["world_size"] == 2
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp renamed

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from openqpm.training import (
     CheckpointError,
     TrainingDivergedError,
     TrainingProgress,
+    TrainingSchedule,
     evaluate_accuracy,
     make_loader,
     read_checkpoint_info,
@@ -26,7 +31,7 @@ from openqpm.training import (
 )
 
 N_CLASSES = 4
-RECIPE = {
+RECIPE: dict[str, Any] = {
     "lr_backbone": 0.05,
     "lr_head": 0.1,
     "momentum": 0.9,
@@ -34,9 +39,13 @@ RECIPE = {
     "step_size_epochs": 2,
     "gamma": 0.5,
     "diversity_beta": 0.2,
-    "device": "cpu",
     "seed": 7,
 }
+
+
+def _schedule(epochs: int, **changes: float) -> TrainingSchedule:
+    """The test recipe for ``epochs`` epochs, with ``changes`` to its values."""
+    return TrainingSchedule(epochs=epochs, **{**RECIPE, **changes})
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +93,7 @@ def test_dense_training_reduces_the_loss() -> None:
     dataset = _dataset()
     model = _dense_model()
     before = _mean_cross_entropy(model, dataset)
-    result = train_model(model, _train_loader(dataset), epochs=6, **RECIPE)
+    result = train_model(model, _train_loader(dataset), _schedule(6), device="cpu")
     after = _mean_cross_entropy(model, dataset)
     assert after < 0.7 * before
     assert len(result.history) == 6 and result.epochs_completed == 6
@@ -100,14 +109,14 @@ def test_dense_training_reduces_the_loss() -> None:
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     dataset = _dataset()
-    epochs = 3
+    schedule = _schedule(3)
     reference = _dense_model()
     train_model(
         reference,
         _train_loader(dataset),
-        epochs=epochs,
+        schedule,
+        device="cpu",
         checkpoint_path=tmp_path / "reference.ckpt",
-        **RECIPE,
     )
 
     class Interrupt(Exception):
@@ -122,10 +131,10 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path: Pat
         train_model(
             _dense_model(),
             _train_loader(dataset),
-            epochs=epochs,
+            schedule,
+            device="cpu",
             checkpoint_path=checkpoint,
             progress=stop_in_second_epoch,
-            **RECIPE,
         )
     assert read_checkpoint_info(checkpoint)["epochs_completed"] == 1
 
@@ -135,22 +144,22 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path: Pat
     result = train_model(
         resumed,
         _train_loader(dataset),
-        epochs=epochs,
+        schedule,
+        device="cpu",
         checkpoint_path=checkpoint,
         resume=True,
-        **RECIPE,
     )
-    assert result.start_epoch == 1 and result.epochs_completed == epochs
+    assert result.start_epoch == 1 and result.epochs_completed == schedule.epochs
     expected, actual = _weights(reference), _weights(resumed)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     # and resuming a finished run does nothing
     again = train_model(
-        resumed, _train_loader(dataset), epochs=epochs, checkpoint_path=checkpoint, resume=True,
-        **RECIPE,
+        resumed, _train_loader(dataset), schedule, device="cpu", checkpoint_path=checkpoint,
+        resume=True,
     )  # fmt: skip
-    assert again.start_epoch == epochs
+    assert again.start_epoch == schedule.epochs
     for key, value in _weights(resumed).items():
         assert torch.equal(value, expected[key])
 
@@ -158,18 +167,18 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path: Pat
 def test_max_epochs_this_call_slices_a_run(tmp_path: Path) -> None:
     dataset = _dataset()
     reference = _dense_model()
-    train_model(reference, _train_loader(dataset), epochs=2, **RECIPE)
+    train_model(reference, _train_loader(dataset), _schedule(2), device="cpu")
     sliced = _dense_model()
     checkpoint = tmp_path / "sliced.ckpt"
     for _ in range(2):
         train_model(
             sliced,
             _train_loader(dataset),
-            epochs=2,
+            _schedule(2),
+            device="cpu",
             checkpoint_path=checkpoint,
             resume=True,
             max_epochs_this_call=1,
-            **RECIPE,
         )
     for key, value in _weights(reference).items():
         assert torch.equal(value, sliced.state_dict()[key]), key
@@ -179,7 +188,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     dataset = _dataset()
     checkpoint = tmp_path / "dense.ckpt"
     model = _dense_model()
-    train_model(model, _train_loader(dataset), epochs=1, checkpoint_path=checkpoint, **RECIPE)
+    train_model(
+        model, _train_loader(dataset), _schedule(1), device="cpu", checkpoint_path=checkpoint
+    )
     after_epoch_1 = _weights(model)
     images, labels = dataset.tensors
     poisoned = TensorDataset(torch.full_like(images, float("nan")), labels)
@@ -187,10 +198,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
         train_model(
             model,
             _train_loader(poisoned),
-            epochs=2,
+            _schedule(2),
+            device="cpu",
             checkpoint_path=checkpoint,
             resume=True,
-            **RECIPE,
         )
     error = caught.value
     assert (error.epoch, error.step) == (2, 1)
@@ -201,8 +212,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     assert read_checkpoint_info(checkpoint)["epochs_completed"] == 1
     restored = _dense_model(seed=5)
     train_model(
-        restored, _train_loader(dataset), epochs=1, checkpoint_path=checkpoint, resume=True,
-        **RECIPE,
+        restored, _train_loader(dataset), _schedule(1), device="cpu", checkpoint_path=checkpoint,
+        resume=True,
     )  # fmt: skip
     for key, value in after_epoch_1.items():
         assert torch.equal(value, restored.state_dict()[key]), key
@@ -224,7 +235,9 @@ def test_qpm_fine_tuning_leaves_the_binary_head_untouched() -> None:
     )
     head_before = {key: value.clone() for key, value in qpm.head.state_dict().items()}
     backbone_before = _weights(qpm.backbone)
-    result = train_model(qpm, _train_loader(dataset), epochs=2, **RECIPE)
+    # fine-tuning is the same call with other schedule values
+    finetune = _schedule(2, lr_backbone=0.01, momentum=0.95, step_size_epochs=1)
+    result = train_model(qpm, _train_loader(dataset), finetune, device="cpu")
     for key, value in qpm.head.state_dict().items():
         assert torch.equal(value, head_before[key]), key
     assert torch.equal(qpm.class_weights(), torch.as_tensor(class_feature_matrix).float())
@@ -233,36 +246,46 @@ def test_qpm_fine_tuning_leaves_the_binary_head_untouched() -> None:
     ]
     assert changed, "fine-tuning did not move the backbone"
     assert all(record["lr_head"] is None for record in result.history)  # no head group
+    assert [record["lr_backbone"] for record in result.history] == pytest.approx([0.01, 0.005])
 
 
 def test_checkpoint_is_safetensors_with_json_and_no_pickle(tmp_path: Path) -> None:
     checkpoint = tmp_path / "dense.ckpt"
     model = _dense_model()
-    train_model(model, _train_loader(_dataset()), epochs=1, checkpoint_path=checkpoint, **RECIPE)
+    train_model(
+        model, _train_loader(_dataset()), _schedule(1), device="cpu", checkpoint_path=checkpoint
+    )
     raw = checkpoint.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_length])  # the whole header is JSON
     assert b"\x80\x02" not in raw[:2] and b"\x80\x04" not in raw[:2]  # no pickle protocol mark
     document = json.loads(header["__metadata__"]["openqpm_checkpoint"])
+    assert document["format_version"] == 1
+    assert document.keys() >= {"epochs_completed", "epochs", "seed", "hyperparameters", "history"}
+    assert document.keys() >= {"optimizer", "scheduler", "grad_scaler", "format"}
     assert document["epochs_completed"] == 1
     assert document["hyperparameters"]["lr_backbone"] == RECIPE["lr_backbone"]
     tensor_names = set(header) - {"__metadata__"}
     assert {f"model.{key}" for key in model.state_dict()} <= tensor_names
     assert any(name.endswith("momentum_buffer") for name in tensor_names)
-    assert [t for t in tmp_path.iterdir() if t.name.endswith(".tmp")] == []  # temp file renamed
+    assert [p.name for p in tmp_path.iterdir()] == ["dense.ckpt"]  # the temporary file renamed
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "dense.ckpt"
     dataset = _dataset()
     train_model(
-        _dense_model(), _train_loader(dataset), epochs=1, checkpoint_path=checkpoint, **RECIPE
+        _dense_model(),
+        _train_loader(dataset),
+        _schedule(1),
+        device="cpu",
+        checkpoint_path=checkpoint,
     )
-    changed = {**RECIPE, "lr_backbone": 0.01}
+    changed = _schedule(2, lr_backbone=0.01)
     with pytest.raises(CheckpointError, match="lr_backbone: checkpoint 0.05, now 0.01"):
         train_model(
-            _dense_model(), _train_loader(dataset), epochs=2, checkpoint_path=checkpoint,
-            resume=True, **changed,
+            _dense_model(), _train_loader(dataset), changed, device="cpu",
+            checkpoint_path=checkpoint, resume=True,
         )  # fmt: skip
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
@@ -272,24 +295,70 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
 def test_progress_events_cover_every_step() -> None:
     events: list[TrainingProgress] = []
     train_model(
-        _dense_model(), _train_loader(_dataset(24)), epochs=2, progress=events.append, **RECIPE
-    )
+        _dense_model(), _train_loader(_dataset(24)), _schedule(2), device="cpu",
+        progress=events.append,
+    )  # fmt: skip
     assert [(e.epoch, e.step) for e in events] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
     assert all(e.n_epochs == 2 and e.n_steps == 3 for e in events)
     assert events[-1].eta_s == 0.0 and all(0.0 <= e.accuracy <= 1.0 for e in events)
     assert events[0].lr == RECIPE["lr_backbone"]
 
 
+def test_evaluation_every_n_epochs_and_after_the_last(caplog: pytest.LogCaptureFixture) -> None:
+    dataset = _dataset()
+    test_loader = make_loader(dataset, batch_size=8, train=False, seed=0)
+    with caplog.at_level(logging.INFO, logger="openqpm.training"):
+        result = train_model(
+            _dense_model(), _train_loader(dataset), _schedule(3), device="cpu",
+            test_loader=test_loader, eval_every_epochs=2,
+        )  # fmt: skip
+    accuracies = [record["test_accuracy"] for record in result.history]
+    assert accuracies[0] is None and accuracies[1] is not None and accuracies[2] is not None
+    assert accuracies[2] == evaluate_accuracy(result.model, test_loader, device="cpu")
+    assert result.model.training
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert "test accuracy" in lines[1] and "test accuracy" not in lines[0]
+
+
 def test_bad_arguments_fail_early_naming_the_argument() -> None:
     loader = _train_loader(_dataset())
-    with pytest.raises(ValueError, match="epochs=-1"):
-        train_model(_dense_model(), loader, epochs=-1, **RECIPE)
-    with pytest.raises(ValueError, match="momentum=1.5"):
-        train_model(_dense_model(), loader, epochs=1, **{**RECIPE, "momentum": 1.5})
+    with pytest.raises(ValueError, match="TrainingSchedule: epochs=-1, expected an integer >= 0"):
+        _schedule(-1)
+    with pytest.raises(ValueError, match=r"momentum=1.5, expected in \[0, 1\)"):
+        _schedule(1, momentum=1.5)
+    with pytest.raises(ValueError, match="diversity_beta=nan"):
+        _schedule(1, diversity_beta=float("nan"))
     with pytest.raises(ValueError, match="resume=True needs a checkpoint_path"):
-        train_model(_dense_model(), loader, epochs=1, resume=True, **RECIPE)
+        train_model(_dense_model(), loader, _schedule(1), device="cpu", resume=True)
+    with pytest.raises(ValueError, match="eval_every_epochs=-1"):
+        train_model(_dense_model(), loader, _schedule(1), device="cpu", eval_every_epochs=-1)
+    with pytest.raises(ValueError, match="max_epochs_this_call=0, expected None or >= 1"):
+        train_model(_dense_model(), loader, _schedule(1), device="cpu", max_epochs_this_call=0)
+    with pytest.raises(TypeError, match="schedule must be a TrainingSchedule"):
+        train_model(_dense_model(), loader, RECIPE, device="cpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
         make_loader(TensorDataset(torch.zeros(0, 3)), batch_size=4, train=True, seed=0)
+
+
+def test_training_schedule_is_frozen() -> None:
+    schedule = _schedule(2)
+    assert (schedule.amp, schedule.seed) == (True, RECIPE["seed"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.epochs = 3  # type: ignore[misc]
+    assert dataclasses.replace(schedule, epochs=5).epochs == 5
+    with pytest.raises(ValueError, match="gamma=0"):
+        dataclasses.replace(schedule, gamma=0)
+
+
+def test_make_loader_caps_the_workers_at_the_cores(caplog: pytest.LogCaptureFixture) -> None:
+    dataset = TensorDataset(torch.arange(10), torch.zeros(10, dtype=torch.long))
+    with caplog.at_level(logging.INFO, logger="openqpm.training"):
+        loader = make_loader(dataset, batch_size=4, train=False, seed=0, num_workers=64)
+    n_cores = os.cpu_count() or 1
+    assert 1 <= loader.num_workers <= n_cores
+    assert "num_workers=64 lowered to" in caplog.text
+    assert make_loader(dataset, batch_size=4, train=False, seed=0).num_workers == 0
 
 
 def test_make_loader_orders() -> None:

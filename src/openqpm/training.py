@@ -17,13 +17,22 @@ Multi-GPU: when ``torch.distributed`` is initialised (``torchrun``) the model is
 ``DistributedDataParallel``, each rank reads its shard (``make_loader`` builds the right sampler),
 only rank 0 writes checkpoints and reports progress.
 
+The loop is split the way timm's ``train.py`` is: :func:`train_model` sets up (``_build_optimizer``,
+``_restore``) and runs the epochs, ``_train_one_epoch`` runs one (seeding, steps, the NaN check,
+progress events), :func:`evaluate_accuracy` evaluates and ``_save_checkpoint`` writes the
+checkpoint. Dense training and fine-tuning differ only by their :class:`TrainingSchedule`.
+
 Example:
     >>> loader = make_loader(train_set, batch_size=16, train=True, seed=0)
-    >>> result = train_model(model, loader, epochs=150, lr_backbone=5e-3, lr_head=1e-2,
-    ...                      momentum=0.9, weight_decay=5e-4, step_size_epochs=30, gamma=0.4,
-    ...                      diversity_beta=0.196, device="cuda", checkpoint_path="dense.ckpt")
+    >>> dense = TrainingSchedule(epochs=150, lr_backbone=5e-3, lr_head=1e-2, momentum=0.9,
+    ...                          weight_decay=5e-4, step_size_epochs=30, gamma=0.4,
+    ...                          diversity_beta=0.196)
+    >>> result = train_model(model, loader, dense, device="cuda", checkpoint_path="dense.ckpt")
     >>> evaluate_accuracy(model, test_loader, device="cuda")
     0.866
+    >>> finetune = dataclasses.replace(dense, epochs=40, lr_backbone=1e-4, lr_head=1e-4,
+    ...                                momentum=0.95, step_size_epochs=10)
+    >>> train_model(qpm_model, loader, finetune, device="cuda", checkpoint_path="finetune.ckpt")
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
@@ -51,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from openqpm import distributed as _distributed
+from openqpm._io import atomic_path, eval_mode, is_main_process, unpack_batch
 from openqpm.losses import feature_diversity_loss
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; models import torchvision
@@ -61,6 +70,7 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingProgress",
     "TrainingResult",
+    "TrainingSchedule",
     "evaluate_accuracy",
     "make_loader",
     "read_checkpoint_info",
@@ -148,10 +158,56 @@ class TrainingResult:
     checkpoint_path: Path | None = None
     elapsed_s: float = 0.0
 
-    @property
-    def final_loss(self) -> float | None:
-        """The mean training loss of the last finished epoch (None before any)."""
-        return float(self.history[-1]["loss"]) if self.history else None
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The values that differ between dense training and QPM fine-tuning; checked when built.
+
+    Dense training and fine-tuning run the same :func:`train_model`; only these values differ
+    (paper App. C, reference code: dense 150 epochs at 5e-3/1e-2, StepLR 30 x 0.4; fine-tuning
+    40 epochs at 1e-4, momentum 0.95, StepLR 10 x 0.4). Resuming a checkpoint written with other
+    values is refused, except for ``epochs`` (which may grow) and ``amp`` off CUDA (unused there).
+
+    Raises:
+        ValueError: a value out of range, naming the field, the value and what was expected.
+    """
+
+    epochs: int  # total epochs of the run, including those a resumed checkpoint already did
+    lr_backbone: float  # learning rate of every backbone parameter
+    lr_head: float  # learning rate of the head's parameters (a QPM head has none)
+    momentum: float  # SGD momentum, in [0, 1)
+    weight_decay: float  # SGD weight decay, on every parameter (as the reference code)
+    step_size_epochs: int  # StepLR step, in epochs
+    gamma: float  # StepLR factor
+    diversity_beta: float  # weight of the feature diversity loss; 0 = cross-entropy only
+    amp: bool = True  # mixed precision (autocast + GradScaler); used on CUDA only
+    seed: int = 0  # with the epoch and the rank, derives the randomness of every epoch
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value (called when the schedule is built).
+
+        Raises:
+            ValueError: the first value out of range, as ``TrainingSchedule: name=value,
+                expected ...``.
+        """
+        checks = {
+            "epochs": (isinstance(self.epochs, int) and self.epochs >= 0, "an integer >= 0"),
+            "lr_backbone": (self.lr_backbone >= 0, ">= 0"),
+            "lr_head": (self.lr_head >= 0, ">= 0"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "step_size_epochs": (self.step_size_epochs >= 1, ">= 1"),
+            "gamma": (self.gamma > 0, "> 0"),
+            "diversity_beta": (math.isfinite(self.diversity_beta), "finite"),
+            "seed": (isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"TrainingSchedule: {name}={value!r}, expected {expected}")
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -180,7 +236,8 @@ def make_loader(
         batch_size: images per batch and per process.
         train: shuffle (per epoch) for training, or keep the data set order.
         seed: the shuffling seed.
-        num_workers: worker processes (not persistent: every epoch's workers are seeded anew).
+        num_workers: worker processes (not persistent: every epoch's workers are seeded anew);
+            lowered to the CPU cores available to this process when it asks for more.
         distributed: shard across ranks; None = when torch.distributed is initialised.
         pin_memory: pin host memory (worth it when training on CUDA).
 
@@ -198,6 +255,7 @@ def make_loader(
     n_items = len(dataset) if isinstance(dataset, Sized) else 0
     if n_items == 0:
         raise ValueError("make_loader: the data set is empty")
+    num_workers = _cap_workers(num_workers)
     sharded = _distributed.is_distributed() if distributed is None else distributed
     n_replicas = _distributed.world_size() if sharded else 1
     replica = _distributed.rank() if sharded else 0
@@ -224,10 +282,17 @@ def make_loader(
     )
 
 
-def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], torch.as_tensor(batch[1])
-    raise ValueError(f"the loader must yield (images, labels) batches, got {type(batch).__name__}")
+def _cap_workers(num_workers: int) -> int:
+    """``num_workers`` lowered to the CPU cores this process may run on (logged when lowered)."""
+    get_affinity = getattr(os, "sched_getaffinity", None)  # Linux; not on macOS or Windows
+    n_cores = max(len(get_affinity(0)), 1) if get_affinity is not None else os.cpu_count() or 1
+    if num_workers > n_cores:
+        _logger.info(
+            "make_loader: num_workers=%d lowered to %d, the CPU cores available to this process",
+            num_workers,
+            n_cores,
+        )
+    return min(num_workers, n_cores)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -249,23 +314,19 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, *, device: torch.dev
         Correct predictions / images, in [0, 1].
 
     Raises:
-        ValueError: the loader yielded no image.
+        ValueError: the loader yielded no image, or a batch that is not ``(images, labels)``.
     """
     device = torch.device(device)
     loader = _distributed.shard_loader(loader)
-    was_training = model.training
     model.to(device)
-    model.eval()
     counts = np.zeros(2, dtype=np.int64)  # correct, total
-    try:
+    with eval_mode(model):
         for batch in loader:
-            images, labels = _unpack_batch(batch)
+            images, labels = unpack_batch(batch, name="the evaluation loader")
             logits = model(images.to(device, non_blocking=True))  # (B, n_c)
             predictions = logits.argmax(dim=1).cpu()
             counts[0] += int((predictions == labels.cpu()).sum())
             counts[1] += int(labels.numel())
-    finally:
-        model.train(was_training)
     correct, total = _distributed.all_reduce_arrays({"counts": counts})["counts"]
     if total == 0:
         raise ValueError("evaluate_accuracy: the loader yielded no image")
@@ -309,19 +370,6 @@ class _LossModule(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_path, metadata=metadata)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-
 def _optimizer_to_parts(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -341,6 +389,7 @@ def _optimizer_to_parts(
 def _optimizer_from_parts(
     tensors: dict[str, torch.Tensor], description: dict[str, Any]
 ) -> dict[str, Any]:
+    """An optimizer state dict again, from the parts :func:`_optimizer_to_parts` made."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, _, param_index, name = key.split(".", 3)
@@ -350,20 +399,30 @@ def _optimizer_from_parts(
     return {"state": state, "param_groups": description["param_groups"]}
 
 
-def _write_checkpoint(
-    path: Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    info: dict[str, Any],
+def _save_checkpoint(
+    path: Path, state: _TrainingState, *, epochs_completed: int, epochs: int
 ) -> None:
+    """Write the checkpoint atomically: model and optimizer tensors, the rest JSON in the header.
+
+    Args:
+        path: the checkpoint file, replaced in one rename (never half-written).
+        state: the model (``model.`` tensors), the optimizer (``optimizer.state.`` tensors and
+            JSON), the scheduler, the grad scaler, the seed, hyperparameters and history (JSON).
+        epochs_completed: epochs done (where a resumed run goes on).
+        epochs: epochs of the whole run.
+    """
+    info = {
+        "epochs_completed": epochs_completed,
+        "epochs": epochs,
+        "seed": state.seed,
+        "hyperparameters": state.hyperparameters,
+        "history": state.history,
+    }
     tensors = {
         f"model.{key}": value.detach().to("cpu", copy=True).contiguous()
-        for key, value in model.state_dict().items()
+        for key, value in state.model.state_dict().items()
     }
-    optimizer_tensors, optimizer_description = _optimizer_to_parts(optimizer)
+    optimizer_tensors, optimizer_description = _optimizer_to_parts(state.optimizer)
     for key, value in optimizer_tensors.items():
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()
     document = {
@@ -371,10 +430,11 @@ def _write_checkpoint(
         "format": _CHECKPOINT_FORMAT,
         "format_version": _CHECKPOINT_VERSION,
         "optimizer": optimizer_description,
-        "scheduler": scheduler.state_dict(),
-        "grad_scaler": scaler.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "grad_scaler": state.scaler.state_dict(),
     }
-    _atomic_save(path, tensors, {_METADATA_KEY: json.dumps(document)})
+    with atomic_path(path, suffix=".safetensors") as temporary:
+        save_file(tensors, str(temporary), metadata={_METADATA_KEY: json.dumps(document)})
 
 
 def read_checkpoint_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -416,6 +476,7 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint's JSON document and all its tensors."""
     document = read_checkpoint_info(path)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -438,6 +499,49 @@ def _check_compatible(path: Path, document: dict[str, Any], expected: dict[str, 
         )
 
 
+def _restore(
+    checkpoint: Path, state: _TrainingState, *, epochs: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a checkpoint into ``state``: model, optimizer, scheduler and grad scaler.
+
+    Args:
+        checkpoint: a checkpoint written by :func:`train_model`.
+        state: its model (strict: every key must fit), optimizer, scheduler and grad scaler
+            receive their saved states; its hyperparameters must equal the checkpoint's.
+        epochs: the run's total epochs; the checkpoint must not hold more.
+
+    Returns:
+        The epochs the checkpoint holds (where training goes on) and their history.
+
+    Raises:
+        CheckpointError: a corrupt checkpoint, one from other settings or another model, or one
+            with more than ``epochs`` epochs.
+    """
+    document, tensors = _read_checkpoint(checkpoint)
+    _check_compatible(checkpoint, document, state.hyperparameters)
+    start_epoch = int(document["epochs_completed"])
+    if start_epoch > epochs:
+        raise CheckpointError(
+            f"{checkpoint} already holds {start_epoch} epochs, more than epochs={epochs}"
+        )
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        state.model.load_state_dict(model_state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint} does not fit this model: {error}") from None
+    state.optimizer.load_state_dict(
+        _optimizer_from_parts(
+            {k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+            document["optimizer"],
+        )
+    )
+    state.scheduler.load_state_dict(document["scheduler"])
+    if document.get("grad_scaler"):
+        state.scaler.load_state_dict(document["grad_scaler"])
+    _logger.info("resuming from %s after epoch %d of %d", checkpoint, start_epoch, epochs)
+    return start_epoch, list(document.get("history", []))
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -453,6 +557,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 def _parameter_groups(
     model: nn.Module, *, lr_backbone: float, lr_head: float
 ) -> list[dict[str, Any]]:
+    """SGD parameter groups "backbone" and "head", each only when it has trainable parameters."""
     head = getattr(model, "head", None)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     head_params = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
@@ -468,105 +573,350 @@ def _parameter_groups(
 
 
 def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
+    """The current learning rate of the parameter group ``name`` (None without that group)."""
     for group in optimizer.param_groups:
         if group.get("name") == name:
             return float(group["lr"])
     return None
 
 
-def _check_arguments(
-    *,
-    epochs: int,
-    lr_backbone: float,
-    lr_head: float,
-    momentum: float,
-    weight_decay: float,
-    step_size_epochs: int,
-    gamma: float,
-    diversity_beta: float,
-    seed: int,
+def _check_call(
+    schedule: TrainingSchedule,
+    checkpoint_path: str | os.PathLike[str] | None,
+    resume: bool,
     eval_every_epochs: int,
     max_epochs_this_call: int | None,
 ) -> None:
-    checks = [
-        (isinstance(epochs, int) and epochs >= 0, "epochs", epochs, "an integer >= 0"),
-        (lr_backbone >= 0, "lr_backbone", lr_backbone, ">= 0"),
-        (lr_head >= 0, "lr_head", lr_head, ">= 0"),
-        (0 <= momentum < 1, "momentum", momentum, "in [0, 1)"),
-        (weight_decay >= 0, "weight_decay", weight_decay, ">= 0"),
-        (step_size_epochs >= 1, "step_size_epochs", step_size_epochs, ">= 1"),
-        (gamma > 0, "gamma", gamma, "> 0"),
-        (math.isfinite(diversity_beta), "diversity_beta", diversity_beta, "finite"),
-        (isinstance(seed, int) and seed >= 0, "seed", seed, "an integer >= 0"),
-        (eval_every_epochs >= 0, "eval_every_epochs", eval_every_epochs, ">= 0"),
-        (
-            max_epochs_this_call is None or max_epochs_this_call >= 1,
-            "max_epochs_this_call",
-            max_epochs_this_call,
-            "None or >= 1",
-        ),
-    ]
-    for ok, name, value, expected in checks:
-        if not ok:
-            raise ValueError(f"train_model: {name}={value!r}, expected {expected}")
+    """Refuse :func:`train_model`'s bad arguments before anything runs.
+
+    Raises:
+        TypeError: ``schedule`` is not a :class:`TrainingSchedule`.
+        ValueError: a value out of range, or ``resume`` without a checkpoint.
+    """
+    if not isinstance(schedule, TrainingSchedule):
+        raise TypeError(
+            f"train_model: schedule must be a TrainingSchedule, got {type(schedule).__name__}"
+        )
+    schedule.validate()
+    if not eval_every_epochs >= 0:
+        raise ValueError(f"train_model: eval_every_epochs={eval_every_epochs!r}, expected >= 0")
+    if not (max_epochs_this_call is None or max_epochs_this_call >= 1):
+        raise ValueError(
+            f"train_model: max_epochs_this_call={max_epochs_this_call!r}, expected None or >= 1"
+        )
+    if resume and checkpoint_path is None:
+        raise ValueError("train_model: resume=True needs a checkpoint_path")
+
+
+def _check_sampler(loader: DataLoader) -> None:
+    """Refuse under torch.distributed (warn otherwise) a loader whose order has no seed.
+
+    Raises:
+        ValueError: under torch.distributed, a sampler without ``set_epoch``.
+    """
+    if callable(getattr(loader.sampler, "set_epoch", None)):
+        return
+    if _distributed.is_distributed():
+        raise ValueError(
+            "train_model under torch.distributed needs a loader with a DistributedSampler: "
+            "build it with openqpm.training.make_loader(..., train=True)"
+        )
+    _logger.warning(
+        "the training loader's sampler has no set_epoch(): its order is not derived from the "
+        "seed, so a resumed run will not repeat the same batches (use make_loader)"
+    )
+
+
+@dataclass
+class _TrainingState:
+    """What every epoch of one :func:`train_model` call uses; set up once, before the first."""
+
+    model: QPMModel  # trained in place
+    loss_module: nn.Module  # the model and its loss; in DistributedDataParallel under DDP
+    optimizer: torch.optim.SGD  # groups "backbone" and "head" (those with trainable parameters)
+    scheduler: torch.optim.lr_scheduler.StepLR  # stepped once per epoch
+    scaler: torch.amp.GradScaler  # loss scaling; disabled unless AMP runs
+    device: torch.device  # where the steps run
+    use_amp: bool  # autocast + loss scaling: the schedule asks for AMP and training is on CUDA
+    seed: int  # with the epoch and the rank, seeds every epoch
+    checkpoint: Path | None  # rewritten after every epoch (rank 0); None for no checkpoint
+    hyperparameters: dict[str, Any]  # recorded in the checkpoint; a resumed run must match them
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+
+
+def _build_optimizer(
+    model: nn.Module, schedule: TrainingSchedule, *, device: torch.device, use_amp: bool
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR, torch.amp.GradScaler]:
+    """SGD over the backbone and head groups, its StepLR schedule and the AMP grad scaler.
+
+    Raises:
+        ValueError: the model has no trainable parameter.
+    """
+    optimizer = torch.optim.SGD(
+        _parameter_groups(model, lr_backbone=schedule.lr_backbone, lr_head=schedule.lr_head),
+        lr=schedule.lr_backbone,
+        momentum=schedule.momentum,
+        weight_decay=schedule.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=schedule.step_size_epochs, gamma=schedule.gamma
+    )
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_amp)
+
+
+def _hyperparameters(
+    model: nn.Module, schedule: TrainingSchedule, *, n_steps: int, use_amp: bool
+) -> dict[str, Any]:
+    """The settings a checkpoint records, which a resumed run must share (``epochs`` may grow)."""
+    return {
+        "lr_backbone": schedule.lr_backbone,
+        "lr_head": schedule.lr_head,
+        "momentum": schedule.momentum,
+        "weight_decay": schedule.weight_decay,
+        "step_size_epochs": schedule.step_size_epochs,
+        "gamma": schedule.gamma,
+        "diversity_beta": schedule.diversity_beta,
+        "seed": schedule.seed,
+        "world_size": _distributed.world_size(),
+        "n_steps_per_epoch": n_steps,
+        "amp": use_amp,
+        "is_qpm": bool(getattr(model, "is_qpm", False)),
+    }
+
+
+def _set_up(
+    model: QPMModel,
+    loader: DataLoader,
+    schedule: TrainingSchedule,
+    *,
+    device: torch.device,
+    checkpoint: Path | None,
+) -> _TrainingState:
+    """Move ``model`` to ``device`` and build the loss module, optimizer, scheduler and scaler.
+
+    Raises:
+        ValueError: the model has no trainable parameter, or the loader yields no batch.
+    """
+    use_amp = schedule.amp and device.type == "cuda"
+    model.to(device)
+    optimizer, scheduler, scaler = _build_optimizer(model, schedule, device=device, use_amp=use_amp)
+    n_steps = len(loader)
+    if n_steps == 0:
+        raise ValueError("train_model: the training loader yields no batch")
+    return _TrainingState(
+        model=model,
+        loss_module=_LossModule(model, diversity_beta=schedule.diversity_beta),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        use_amp=use_amp,
+        seed=schedule.seed,
+        checkpoint=checkpoint,
+        hyperparameters=_hyperparameters(model, schedule, n_steps=n_steps, use_amp=use_amp),
+    )
+
+
+def _start(state: _TrainingState, *, resume: bool, epochs: int) -> int:
+    """The epochs already done: restored with the history from the checkpoint, or 0."""
+    checkpoint = state.checkpoint
+    if resume and checkpoint is not None and checkpoint.is_file():
+        start_epoch, state.history = _restore(checkpoint, state, epochs=epochs)
+        return start_epoch
+    if resume:
+        _logger.info("no checkpoint at %s: training from the start", checkpoint)
+    elif checkpoint is not None and checkpoint.exists():
+        _logger.warning("resume=False: the checkpoint %s will be overwritten", checkpoint)
+    return 0
+
+
+def _wrap_distributed(loss_module: nn.Module, device: torch.device) -> nn.Module:
+    """``loss_module`` in DistributedDataParallel under torch.distributed, else as it is."""
+    if not _distributed.is_distributed():
+        return loss_module
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(loss_module, device_ids=device_ids)
+
+
+@dataclass
+class _ProgressClock:
+    """Counts this call's steps and sends :class:`TrainingProgress` events with an ETA."""
+
+    callback: Callable[[TrainingProgress], None] | None  # None: only count (and off rank 0)
+    n_epochs: int  # epochs of the whole run
+    end_epoch: int  # the epoch (0-based, exclusive) where this call stops
+    n_steps: int  # steps per epoch
+    start: float = field(default_factory=time.perf_counter)  # when this call's epochs began
+    steps_done: int = 0  # steps done in this call
+
+    def step_done(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        sums: np.ndarray,
+        counts: np.ndarray,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        """Count a step (``epoch`` 0-based, ``step`` 1-based) and report the epoch so far.
+
+        ``sums[0]`` is the loss summed over the epoch's images, ``counts`` is (correct, images)
+        and the first parameter group's learning rate is reported.
+        """
+        self.steps_done += 1
+        if self.callback is None:
+            return
+        elapsed_s = time.perf_counter() - self.start
+        steps_left = (self.n_steps - step) + (self.end_epoch - epoch - 1) * self.n_steps
+        self.callback(
+            TrainingProgress(
+                epoch=epoch + 1,
+                n_epochs=self.n_epochs,
+                step=step,
+                n_steps=self.n_steps,
+                loss=float(sums[0] / counts[1]),
+                accuracy=float(counts[0] / counts[1]),
+                lr=float(optimizer.param_groups[0]["lr"]),
+                elapsed_s=elapsed_s,
+                eta_s=elapsed_s / self.steps_done * steps_left,
+            )
+        )
+
+
+def _forward(
+    state: _TrainingState, batch: Any
+) -> tuple[torch.Tensor, tuple[float, float, float, int], int]:
+    """The loss of one batch, its values on the host (loss, ce, diversity, correct), its size."""
+    images, labels = unpack_batch(batch, name="the training loader")
+    images = images.to(state.device, non_blocking=True)
+    labels = labels.to(state.device, non_blocking=True).long()
+    with torch.autocast(device_type=state.device.type, enabled=state.use_amp):
+        loss, cross_entropy, diversity, logits = state.loss_module(images, labels)
+    # One host-device sync per step, for the NaN check and the running statistics together;
+    # backward and the update then run without waiting for the host.
+    values = _step_values(loss, cross_entropy, diversity, logits, labels)
+    return loss, values, int(labels.numel())
+
+
+def _apply_step(state: _TrainingState, loss: torch.Tensor) -> None:
+    """Backward and one optimizer update, through the grad scaler."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+
+
+def _train_one_epoch(
+    state: _TrainingState, loader: DataLoader, epoch: int, clock: _ProgressClock
+) -> dict[str, Any]:
+    """Train epoch ``epoch`` (0-based) over ``loader``, then step the learning-rate schedule.
+
+    The epoch's randomness is seeded from ``(seed, epoch, rank)`` and the sampler set to the
+    epoch first, so that a resumed run repeats the epoch exactly.
+
+    Returns:
+        The epoch's record without ``time_s`` and ``test_accuracy``: ``epoch`` (1-based), the
+        mean ``loss``, ``cross_entropy``, ``diversity_loss`` and ``train_accuracy`` over all
+        ranks, and the learning rates the epoch ran at.
+
+    Raises:
+        TrainingDivergedError: a non-finite loss (on any rank), before its step is applied.
+    """
+    _seed_epoch(state.seed, epoch, _distributed.rank())
+    set_epoch = getattr(loader.sampler, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+    state.model.train()
+    sums = np.zeros(3, dtype=np.float64)  # loss, cross-entropy, diversity: sums over images
+    counts = np.zeros(2, dtype=np.int64)  # correct predictions, images
+    for step, batch in enumerate(loader, start=1):
+        loss, values, size = _forward(state, batch)
+        loss_value, cross_entropy_value, diversity_value, n_correct = values
+        if not math.isfinite(loss_value):
+            raise _diverged(
+                loss_value, epoch=epoch, step=step, n_steps=len(loader), checkpoint=state.checkpoint
+            )
+        _apply_step(state, loss)
+        sums += (loss_value * size, cross_entropy_value * size, diversity_value * size)
+        counts += (n_correct, size)
+        clock.step_done(epoch=epoch, step=step, sums=sums, counts=counts, optimizer=state.optimizer)
+    lr_rates = {name: _group_lr(state.optimizer, name) for name in ("backbone", "head")}
+    state.scheduler.step()
+    totals = _distributed.all_reduce_arrays({"sums": sums, "counts": counts})
+    n_images = max(int(totals["counts"][1]), 1)
+    return {
+        "epoch": epoch + 1,
+        "loss": float(totals["sums"][0] / n_images),
+        "cross_entropy": float(totals["sums"][1] / n_images),
+        "diversity_loss": float(totals["sums"][2] / n_images),
+        "train_accuracy": float(totals["counts"][0] / n_images),
+        "lr_backbone": lr_rates["backbone"],
+        "lr_head": lr_rates["head"],
+    }
+
+
+def _evaluate_if_due(
+    state: _TrainingState, test_loader: DataLoader | None, *, epoch: int, epochs: int, every: int
+) -> float | None:
+    """Test accuracy after epoch ``epoch`` (0-based) every ``every`` epochs and after the last."""
+    is_last = epoch + 1 == epochs
+    if test_loader is None or not (is_last or (every > 0 and (epoch + 1) % every == 0)):
+        return None
+    accuracy = evaluate_accuracy(state.model, test_loader, device=state.device)
+    state.model.train()
+    return accuracy
+
+
+def _log_epoch(record: dict[str, Any], *, epochs: int) -> None:
+    """One INFO line per finished epoch."""
+    test_accuracy = record["test_accuracy"]
+    _logger.info(
+        "epoch %d/%d: loss %.4f (ce %.4f, diversity %.4f), train accuracy %.2f%%%s, %.1f s",
+        record["epoch"],
+        epochs,
+        record["loss"],
+        record["cross_entropy"],
+        record["diversity_loss"],
+        100 * record["train_accuracy"],
+        "" if test_accuracy is None else f", test accuracy {100 * test_accuracy:.2f}%",
+        record["time_s"],
+    )
 
 
 def train_model(
     model: QPMModel,
     train_loader: DataLoader,
+    schedule: TrainingSchedule,
     *,
-    epochs: int,
-    lr_backbone: float,
-    lr_head: float,
-    momentum: float,
-    weight_decay: float,
-    step_size_epochs: int,
-    gamma: float,
-    diversity_beta: float,
     device: torch.device | str,
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    amp: bool = True,
     progress: Callable[[TrainingProgress], None] | None = None,
-    seed: int = 0,
     test_loader: DataLoader | None = None,
     eval_every_epochs: int = 0,
     max_epochs_this_call: int | None = None,
 ) -> TrainingResult:
-    """Train ``model`` in place: dense training, or QPM fine-tuning with the assignment fixed.
+    """Train ``model`` in place with ``schedule``: dense training, or QPM fine-tuning.
 
-    SGD (momentum, weight decay) over two parameter groups, the backbone at ``lr_backbone`` and
-    the head at ``lr_head`` (a QPM head has no trainable parameter, so only the backbone group
-    exists), StepLR stepped once per epoch. Loss: cross-entropy + the feature diversity loss on
-    the maps the head reads, with the head's class weights (for a dense head the live weight, so
-    the loss's gradient reaches it, as the reference code does).
+    SGD over a backbone and a head group (a QPM head has no trainable parameter, so only the
+    backbone moves), StepLR stepped once per epoch, loss = cross-entropy + the feature diversity
+    loss (with a dense head's live weight, as the reference code). A checkpoint after every epoch.
 
     Args:
-        model: a :class:`openqpm.models.QPMModel` (dense or QPM head).
-        train_loader: yields ``(images, labels)`` with training transforms; build it with
-            :func:`make_loader` (``train=True``) so that the data order is a function of the seed
-            and the epoch (required for exact resume and under torch.distributed).
-        epochs: total epochs of the run (including those a resumed checkpoint already did).
-        lr_backbone: learning rate of every backbone parameter.
-        lr_head: learning rate of the head's parameters (unused by a QPM head).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay (all parameters, as the reference code).
-        step_size_epochs: StepLR step, in epochs.
-        gamma: StepLR factor.
-        diversity_beta: weight of the feature diversity loss; 0 trains with cross-entropy only.
-        device: where to train; the model is moved there.
-        checkpoint_path: the checkpoint file, rewritten atomically after every epoch; None for no
-            checkpoints.
-        resume: continue from ``checkpoint_path`` when it exists (it must have been written with
-            the same settings; ``epochs`` may be larger, to train longer).
-        amp: mixed precision (autocast + GradScaler); used on CUDA only.
-        progress: called on rank 0 after every step with a :class:`TrainingProgress`. An exception
-            it raises stops training (the checkpoint of the last finished epoch is kept).
-        seed: derives the randomness of every epoch (with the epoch and the rank).
+        model: a :class:`openqpm.models.QPMModel` (dense or QPM head), moved to ``device``.
+        train_loader: yields ``(images, labels)``; from :func:`make_loader` (``train=True``), its
+            order derives from the seed and the epoch (exact resume; needed under DDP).
+        schedule: epochs, learning rates, SGD and StepLR values, diversity beta, AMP, seed.
+        device: where to train.
+        checkpoint_path: rewritten atomically after every epoch; None for no checkpoint.
+        resume: go on from ``checkpoint_path`` when it exists (written with the same schedule;
+            only ``epochs`` may be larger, to train longer).
+        progress: called on rank 0 after every step; an exception it raises stops training.
         test_loader: evaluated every ``eval_every_epochs`` epochs and after the last epoch.
-        eval_every_epochs: 0 = never evaluate during training.
-        max_epochs_this_call: stop after this many epochs in this call (for time-sliced jobs;
-            call again with ``resume=True`` to go on).
+        eval_every_epochs: 0 = only after the last epoch.
+        max_epochs_this_call: stop after this many epochs (call again with ``resume=True``).
 
     Returns:
         A :class:`TrainingResult`.
@@ -574,223 +924,39 @@ def train_model(
     Raises:
         TrainingDivergedError: the loss became NaN or infinite (the last good checkpoint stays).
         CheckpointError: ``resume`` with a checkpoint from other settings, or a corrupt one.
-        ValueError: a bad argument, or a loader whose order cannot be reproduced under
-            torch.distributed.
+        ValueError: a bad argument, an empty loader, or one whose order cannot be reproduced
+            under torch.distributed.
+        TypeError: ``schedule`` is not a :class:`TrainingSchedule`.
     """
-    _check_arguments(
-        epochs=epochs,
-        lr_backbone=lr_backbone,
-        lr_head=lr_head,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        step_size_epochs=step_size_epochs,
-        gamma=gamma,
-        diversity_beta=diversity_beta,
-        seed=seed,
-        eval_every_epochs=eval_every_epochs,
-        max_epochs_this_call=max_epochs_this_call,
-    )
-    start_time = time.perf_counter()
-    device = torch.device(device)
+    _check_call(schedule, checkpoint_path, resume, eval_every_epochs, max_epochs_this_call)
+    start_time, device = time.perf_counter(), torch.device(device)
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and checkpoint is None:
-        raise ValueError("train_model: resume=True needs a checkpoint_path")
-    rank, n_ranks = _distributed.rank(), _distributed.world_size()
-    sampler = train_loader.sampler
-    if not callable(getattr(sampler, "set_epoch", None)):
-        if _distributed.is_distributed():
-            raise ValueError(
-                "train_model under torch.distributed needs a loader with a DistributedSampler: "
-                "build it with openqpm.training.make_loader(..., train=True)"
-            )
-        _logger.warning(
-            "the training loader's sampler has no set_epoch(): its order is not derived from the "
-            "seed, so a resumed run will not repeat the same batches (use make_loader)"
-        )
-    use_amp = amp and device.type == "cuda"
-    model.to(device)
-
-    optimizer = torch.optim.SGD(
-        _parameter_groups(model, lr_backbone=lr_backbone, lr_head=lr_head),
-        lr=lr_backbone,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size_epochs, gamma=gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    n_steps = len(train_loader)
-    if n_steps == 0:
-        raise ValueError("train_model: the training loader yields no batch")
-    hyperparameters = {
-        "lr_backbone": lr_backbone,
-        "lr_head": lr_head,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "step_size_epochs": step_size_epochs,
-        "gamma": gamma,
-        "diversity_beta": diversity_beta,
-        "seed": seed,
-        "world_size": n_ranks,
-        "n_steps_per_epoch": n_steps,
-        "amp": use_amp,
-        "is_qpm": bool(getattr(model, "is_qpm", False)),
-    }
-
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume and checkpoint is not None and checkpoint.is_file():
-        document, tensors = _read_checkpoint(checkpoint)
-        _check_compatible(checkpoint, document, hyperparameters)
-        start_epoch = int(document["epochs_completed"])
-        if start_epoch > epochs:
-            raise CheckpointError(
-                f"{checkpoint} already holds {start_epoch} epochs, more than epochs={epochs}"
-            )
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            model.load_state_dict(model_state, strict=True)
-        except RuntimeError as error:
-            raise CheckpointError(f"{checkpoint} does not fit this model: {error}") from None
-        optimizer.load_state_dict(
-            _optimizer_from_parts(
-                {k: v for k, v in tensors.items() if k.startswith("optimizer.")},
-                document["optimizer"],
-            )
-        )
-        scheduler.load_state_dict(document["scheduler"])
-        if document.get("grad_scaler"):
-            scaler.load_state_dict(document["grad_scaler"])
-        history = list(document.get("history", []))
-        _logger.info("resuming from %s after epoch %d of %d", checkpoint, start_epoch, epochs)
-    elif resume:
-        _logger.info("no checkpoint at %s: training from the start", checkpoint)
-    elif checkpoint is not None and checkpoint.exists():
-        _logger.warning("resume=False: the checkpoint %s will be overwritten", checkpoint)
-
-    loss_module: nn.Module = _LossModule(model, diversity_beta=diversity_beta)
-    if _distributed.is_distributed():
-        loss_module = DistributedDataParallel(
-            loss_module,
-            device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
-            if device.type == "cuda"
-            else None,
-        )
-
-    end_epoch = (
-        epochs
-        if max_epochs_this_call is None
-        else min(epochs, start_epoch + int(max_epochs_this_call))
-    )
-    call_start = time.perf_counter()
-    steps_done_this_call = 0
+    _check_sampler(train_loader)
+    state = _set_up(model, train_loader, schedule, device=device, checkpoint=checkpoint)
+    start_epoch = _start(state, resume=resume, epochs=schedule.epochs)
+    state.loss_module = _wrap_distributed(state.loss_module, device)
+    end_epoch = schedule.epochs
+    if max_epochs_this_call is not None:
+        end_epoch = min(end_epoch, start_epoch + int(max_epochs_this_call))
+    callback = progress if is_main_process() else None
+    clock = _ProgressClock(callback, schedule.epochs, end_epoch, n_steps=len(train_loader))
     for epoch in range(start_epoch, end_epoch):
         epoch_start = time.perf_counter()
-        _seed_epoch(seed, epoch, rank)
-        if callable(getattr(sampler, "set_epoch", None)):
-            sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        model.train()
-        # loss, cross-entropy, diversity (sums over batches), correct, images
-        sums = np.zeros(3, dtype=np.float64)
-        counts = np.zeros(2, dtype=np.int64)
-        for step, batch in enumerate(train_loader, start=1):
-            images, labels = _unpack_batch(batch)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True).long()
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss, cross_entropy, diversity, logits = loss_module(images, labels)
-            # One host-device sync per step, for the NaN check and the running statistics
-            # together; backward and the update then run without waiting for the host.
-            loss_value, cross_entropy_value, diversity_value, n_correct = _step_values(
-                loss, cross_entropy, diversity, logits, labels
-            )
-            if not math.isfinite(loss_value):
-                raise _diverged(
-                    loss_value, epoch=epoch, step=step, n_steps=n_steps, checkpoint=checkpoint
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            batch_size = int(labels.numel())
-            sums += (
-                loss_value * batch_size,
-                cross_entropy_value * batch_size,
-                diversity_value * batch_size,
-            )
-            counts += (n_correct, batch_size)
-            steps_done_this_call += 1
-            if progress is not None and rank == 0:
-                elapsed_s = time.perf_counter() - call_start
-                steps_left = (n_steps - step) + (end_epoch - epoch - 1) * n_steps
-                progress(
-                    TrainingProgress(
-                        epoch=epoch + 1,
-                        n_epochs=epochs,
-                        step=step,
-                        n_steps=n_steps,
-                        loss=sums[0] / counts[1],
-                        accuracy=counts[0] / counts[1],
-                        lr=float(optimizer.param_groups[0]["lr"]),
-                        elapsed_s=elapsed_s,
-                        eta_s=elapsed_s / steps_done_this_call * steps_left,
-                    )
-                )
-        lr_backbone_now = _group_lr(optimizer, "backbone")
-        lr_head_now = _group_lr(optimizer, "head")
-        scheduler.step()
-        totals = _distributed.all_reduce_arrays({"sums": sums, "counts": counts})
-        n_images = max(int(totals["counts"][1]), 1)
-        test_accuracy = None
-        is_last = epoch + 1 == epochs
-        if test_loader is not None and (
-            is_last or (eval_every_epochs > 0 and (epoch + 1) % eval_every_epochs == 0)
-        ):
-            test_accuracy = evaluate_accuracy(model, test_loader, device=device)
-            model.train()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(totals["sums"][0] / n_images),
-            "cross_entropy": float(totals["sums"][1] / n_images),
-            "diversity_loss": float(totals["sums"][2] / n_images),
-            "train_accuracy": float(totals["counts"][0] / n_images),
-            "lr_backbone": lr_backbone_now,
-            "lr_head": lr_head_now,
-            "time_s": time.perf_counter() - epoch_start,
-            "test_accuracy": test_accuracy,
-        }
-        history.append(record)
-        _logger.info(
-            "epoch %d/%d: loss %.4f (ce %.4f, diversity %.4f), train accuracy %.2f%%%s, %.1f s",
-            epoch + 1,
-            epochs,
-            record["loss"],
-            record["cross_entropy"],
-            record["diversity_loss"],
-            100 * record["train_accuracy"],
-            "" if test_accuracy is None else f", test accuracy {100 * test_accuracy:.2f}%",
-            record["time_s"],
+        record = _train_one_epoch(state, train_loader, epoch, clock)
+        test_accuracy = _evaluate_if_due(
+            state, test_loader, epoch=epoch, epochs=schedule.epochs, every=eval_every_epochs
         )
-        if checkpoint is not None and rank == 0:
-            _write_checkpoint(
-                checkpoint,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                info={
-                    "epochs_completed": epoch + 1,
-                    "epochs": epochs,
-                    "seed": seed,
-                    "hyperparameters": hyperparameters,
-                    "history": history,
-                },
-            )
+        record.update(time_s=time.perf_counter() - epoch_start, test_accuracy=test_accuracy)
+        state.history.append(record)
+        _log_epoch(record, epochs=schedule.epochs)
+        if checkpoint is not None and is_main_process():
+            _save_checkpoint(checkpoint, state, epochs_completed=epoch + 1, epochs=schedule.epochs)
         _distributed.barrier()
     model.train()
     return TrainingResult(
         model=model,
-        history=history,
-        epochs_completed=len(history),
+        history=state.history,
+        epochs_completed=len(state.history),
         start_epoch=start_epoch,
         checkpoint_path=checkpoint,
         elapsed_s=time.perf_counter() - start_time,
@@ -800,6 +966,7 @@ def train_model(
 def _diverged(
     loss_value: float, *, epoch: int, step: int, n_steps: int, checkpoint: Path | None
 ) -> TrainingDivergedError:
+    """The error for a non-finite loss at ``step`` of epoch ``epoch`` (0-based)."""
     kept = checkpoint if checkpoint is not None and checkpoint.is_file() else None
     if kept is not None:
         # the checkpoint on disk is the one written after the previous epoch
