@@ -9,7 +9,7 @@ Everything ``openqpm train`` does is available here, with typed results::
     result.metrics["qpm"]["accuracy"], result.assignment.gap
     model = result.load_model()                         # the QPM
     openqpm.predict(model, ["bird.jpg"], top_k=3)
-    openqpm.explain(model, "bird.jpg").text()
+    openqpm.explain_prediction(model, "bird.jpg").text()
 
 The CLI is a thin layer over these functions: the same configuration gives the same stage hashes
 and the same artifacts whichever is used.
@@ -41,7 +41,7 @@ __all__ = [
     "ImageExplanation",
     "Prediction",
     "RunResult",
-    "explain",
+    "explain_prediction",
     "load_config",
     "predict",
     "resolve_device",
@@ -355,7 +355,7 @@ def predict(
     return predictions
 
 
-def explain(
+def explain_prediction(
     model: QPMModel,
     image: Any,
     *,
@@ -363,6 +363,8 @@ def explain(
     device: str | torch.device | None = None,
 ) -> ImageExplanation:
     """Explain one image: its class's features, their activations, and why not ``versus``.
+
+    (Not named ``explain``: ``openqpm.explain`` is the package of global explanations and figures.)
 
     Args:
         model: a loaded model.

@@ -194,7 +194,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, positional_run_dir: boo
     )
     group.add_argument("--run-dir", type=Path, help="run directory")
     for flag in _FLAGS:
-        metavar = {int: "N", float: "X"}.get(flag.type, flag.field.rsplit(".", 1)[-1].upper())
+        metavar = "N" if flag.type is int else "X" if flag.type is float else "VALUE"
         group.add_argument(
             flag.flag,
             dest=flag.dest,
