@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the QPM solvers on realistic generated instances.
 
-For every scale (``openqpm.solver.instances``): the structured search, the MILP warm-started
+For every scale (``openqpm.instances``): the structured search, the MILP warm-started
 from it (together they get the scale's budget, as ``openqpm.solve(method="auto")`` does), the
 paper's own formulation on the same open solver given ``--paper-factor`` times that budget, and
 on ``tiny`` an exhaustive enumeration that proves the optimum independently of any solver.
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from openqpm.instances import SCALES, make_instance
 from openqpm.solver.exact import solve_milp
-from openqpm.solver.instances import SCALES, make_instance
 from openqpm.solver.paper import PaperFormulationTimeout, solve_paper_formulation
 from openqpm.solver.problem import AssignmentProblem, validate_assignment
 from openqpm.solver.search import assign_classes, solve_search

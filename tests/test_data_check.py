@@ -24,6 +24,7 @@ from openqpm.data import (
     dataset_names,
     detect_dataset,
     make_synthetic,
+    resize_squashes,
 )
 
 
@@ -62,6 +63,15 @@ def test_each_layout_is_detected_checked_and_loaded(tmp_path: Path, name: str) -
     assert len(train) > 0 and len(test) > 0 and train.n_classes == test.n_classes
     image, label = train[0]
     assert image.mode == "RGB" and 0 <= label < train.n_classes
+
+
+def test_only_box_cropped_birds_are_squashed() -> None:
+    squashed = {name for name in dataset_names() if resize_squashes(name, True)}
+    assert squashed == {"cub", "travelingbirds", "synthetic"}
+    assert not any(resize_squashes(name, False) for name in dataset_names())
+    assert resize_squashes(" CUB ", True)  # names as create_dataset accepts them
+    with pytest.raises(DatasetError, match="unknown data set 'cub2011'"):
+        resize_squashes("cub2011", True)
 
 
 @pytest.mark.parametrize("maker", [make_cars_csv, make_cars_annos])

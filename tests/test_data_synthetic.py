@@ -278,3 +278,9 @@ def test_generator_imports_without_torch() -> None:
     # Worker processes import this module; it must not drag torch in (seconds per process).
     code = "import sys, openqpm.data.synthetic; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_cub_loader_does_not_import_the_generator() -> None:
+    # The synthetic set registers itself (openqpm.data.synthetic_loader) on top of the CUB loader.
+    code = "import sys, openqpm.data.cub; sys.exit('openqpm.data.synthetic' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _brute_force import brute_force_optimum
+from openqpm.instances import generate_instance
 from openqpm.solver.exact import (
     MilpOptions,
     _anticipated_duplicates,
@@ -18,7 +19,6 @@ from openqpm.solver.exact import (
     distinct_set_cut_holds,
     solve_milp,
 )
-from openqpm.solver.instances import generate_instance
 from openqpm.solver.paper import PaperFormulationTimeout, solve_paper_formulation
 from openqpm.solver.problem import AssignmentProblem, SolverProgress, validate_assignment
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openqpm.solver.instances import (
+from openqpm.instances import (
     SCALES,
     UNIT_KINDS,
     generate_instance,

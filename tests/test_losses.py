@@ -12,6 +12,7 @@ from openqpm.losses import (
     REFERENCE_BETA,
     default_diversity_beta,
     feature_diversity_loss,
+    resolve_diversity_beta,
     scaled_beta,
 )
 from openqpm.models import backbone_names
@@ -200,3 +201,41 @@ def test_default_beta_falls_back_to_scaling() -> None:
     assert default_diversity_beta("timm:foo", map_height=7, map_width=7) == pytest.approx(0.049)
     with pytest.raises(ValueError, match="no diversity beta"):
         default_diversity_beta("timm:foo")
+
+
+def test_resolve_diversity_beta_prefers_the_override_then_the_table() -> None:
+    for reduced_strides in (False, True):
+        assert (
+            resolve_diversity_beta(
+                "resnet50", override=None, reduced_strides=reduced_strides, image_size_px=224
+            )
+            == 0.196
+        )
+    # an override wins even over the table, and even 0 (no diversity loss)
+    assert (
+        resolve_diversity_beta("resnet50", override=0.0, reduced_strides=True, image_size_px=224)
+        == 0.0
+    )
+    assert resolve_diversity_beta(
+        "timm:not_built", override=0.3, reduced_strides=False, image_size_px=224
+    ) == pytest.approx(0.3)
+
+
+def test_resolve_diversity_beta_scales_to_the_map_size_without_a_table_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(DIVERSITY_BETA, "tiny_cnn")
+    monkeypatch.delitem(DIVERSITY_BETA, "resnet18")
+    # tiny_cnn has 8x8 maps at 64 px: 0.196 * 8 / 28
+    assert resolve_diversity_beta(
+        "tiny_cnn", override=None, reduced_strides=False, image_size_px=64
+    ) == pytest.approx(0.056)
+    # ResNet maps at 224 px: 7x7, or 28x28 with reduced strides
+    assert resolve_diversity_beta(
+        "resnet18", override=None, reduced_strides=False, image_size_px=224
+    ) == pytest.approx(0.049)
+    assert resolve_diversity_beta(
+        "resnet18", override=None, reduced_strides=True, image_size_px=224
+    ) == pytest.approx(0.196)
+    with pytest.raises(ValueError, match="too small"):
+        resolve_diversity_beta("resnet18", override=None, reduced_strides=False, image_size_px=16)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from openqpm import metrics
-from openqpm.models import DenseHead, QPMHead, QPMModel, create_backbone
+from openqpm.models import Backbone, DenseHead, QPMHead, QPMModel, create_backbone
 
 # ---------------------------------------------------------------------------------------------
 # accuracy
@@ -476,3 +476,65 @@ def test_evaluate_model_on_cuda_equals_cpu() -> None:
             assert on_gpu[name] is None, name
         else:
             assert on_gpu[name] == pytest.approx(on_cpu[name], rel=1e-4, abs=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------
+# top-weight baseline
+
+
+class _PassThrough(Backbone):
+    """A backbone whose maps are its input: the test chooses the pooled features directly."""
+
+    name = "pass_through"
+    n_features = 3
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def _baseline_model() -> QPMModel:
+    head = DenseHead(3, 2, dropout=0.5)
+    with torch.no_grad():
+        # |weight| column sums 5, 2, 0.7: features 0 and 1 are kept; then class 0 keeps its
+        # weight 3 on feature 0, class 1 its weight 1 on feature 1 (the largest signed ones)
+        head.linear.weight.copy_(torch.tensor([[3.0, -1.0, 0.5], [-2.0, 1.0, 0.2]]))
+        head.linear.bias.copy_(torch.tensor([0.0, 0.5]))
+    return QPMModel(_PassThrough(), head, class_names=["a", "b"])
+
+
+def test_top_weight_baseline_accuracy_hand_computed() -> None:
+    # pooled features z; pruned logits (3 z0, z1 + 0.5); dense logits use every weight
+    pooled = torch.tensor([[1.0, 0.0, 9.0], [0.0, 1.0, 0.0], [0.1, 0.0, 10.0], [0.2, 0.5, 0.0]])
+    labels = torch.tensor([0, 1, 0, 0])
+    # (2, 2) maps whose spatial mean is z: the baseline pools by the mean, as the dense head
+    pattern = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    images = pooled[:, :, None, None] * pattern
+    model = _baseline_model().train()
+    dense_predictions = model.eval()(images).argmax(dim=1)
+    assert dense_predictions.tolist() == [0, 1, 0, 1]  # image 2 needs the pruned feature 2
+    model.train()
+    # pruned predictions: 0 (3 > 0.5), 1 (0 < 1.5), 1 (0.3 < 0.5), 1 (0.6 < 1.0)
+    for batch_size in (1, 3):
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+        accuracy = metrics.top_weight_baseline_accuracy(
+            model, loader, n_features=2, n_per_class=1, device="cpu"
+        )
+        assert accuracy == pytest.approx(2 / 4)
+        assert model.training  # the training flag is restored
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    # all three features, one per class: class 0 keeps 3 (feature 0), class 1 keeps 1 (feature 1)
+    assert metrics.top_weight_baseline_accuracy(
+        model, loader, n_features=3, n_per_class=1, device="cpu"
+    ) == pytest.approx(2 / 4)
+    # every weight kept: the dense model itself (3 of 4 right)
+    assert metrics.top_weight_baseline_accuracy(
+        model, loader, n_features=3, n_per_class=3, device="cpu"
+    ) == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="n_features"):
+        metrics.top_weight_baseline_accuracy(
+            model, loader, n_features=4, n_per_class=1, device="cpu"
+        )
+    with pytest.raises(ValueError, match="n_per_class"):
+        metrics.top_weight_baseline_accuracy(
+            model, loader, n_features=2, n_per_class=3, device="cpu"
+        )

@@ -22,10 +22,12 @@ from openqpm.models import (
     check_n_features,
     create_backbone,
     load,
+    qpm_from_dense,
     read_metadata,
     register_backbone,
 )
 from openqpm.models.backbones import _REGISTRY
+from openqpm.solver.problem import Assignment
 
 # A valid 4-class assignment over 4 selected features, 2 per class, rows distinct.
 _MATRIX = [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]]
@@ -341,6 +343,34 @@ def test_to_qpm_shares_the_backbone_and_keeps_names() -> None:
     assert qpm.head.n_per_class == 2  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="3 rows but the model has 4 classes"):
         dense.to_qpm([0, 1, 2], torch.zeros(3), torch.ones(3), np.eye(3))
+
+
+def test_qpm_from_dense_takes_the_statistics_of_the_selected_features() -> None:
+    dense = _dense_model()
+    class_features = [[_SELECTED[k] for k in np.flatnonzero(row)] for row in _MATRIX]
+    assignment = Assignment(_SELECTED, class_features, objective=1.0)
+    mean = 0.1 * np.arange(32)  # statistics of all 32 backbone features
+    std = 1.0 + np.arange(32)
+    qpm = qpm_from_dense(dense, assignment, mean, std, dropout=0.25)
+    head = qpm.head
+    assert isinstance(head, QPMHead) and qpm.backbone is dense.backbone
+    order = sorted(_SELECTED)  # the assignment keeps its features in ascending order
+    assert head.selected_features.tolist() == order
+    assert torch.allclose(head.mean, torch.tensor(mean[order], dtype=head.mean.dtype))
+    assert torch.allclose(head.std, torch.tensor(std[order], dtype=head.std.dtype))
+    assert head.class_features == assignment.class_features
+    assert head.dropout.p == 0.25
+    # the logits are W z with z the selected pooled features normalised by those statistics
+    maps = dense.eval().forward_features(torch.rand(2, 3, 32, 32))
+    pooled = maps.mean(dim=(2, 3))[:, order].double()
+    normalised = (pooled - torch.tensor(mean[order])) / torch.tensor(std[order])
+    expected = normalised @ torch.tensor(assignment.class_feature_matrix(), dtype=torch.float64).T
+    assert torch.allclose(qpm.eval().forward_head(maps).double(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="one value per backbone feature"):
+        qpm_from_dense(dense, assignment, mean[order], std[order], dropout=0.1)
+    outside = Assignment([0, 1, 2, 40], [[0, 1], [1, 2], [2, 40], [0, 40]], objective=0.0)
+    with pytest.raises(ValueError, match="selects feature 40"):
+        qpm_from_dense(dense, outside, mean, std, dropout=0.1)
 
 
 def test_model_rejects_mismatched_parts() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -22,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "eval_mode",
     "is_main_process",
+    "read_json_header",
     "to_jsonable",
     "unpack_batch",
 ]
@@ -140,3 +142,45 @@ def is_main_process() -> bool:
     from openqpm import distributed
 
     return distributed.rank() == 0
+
+
+def read_json_header(
+    path: str | os.PathLike[str],
+    key: str,
+    *,
+    what: str,
+    error: type[ValueError] = ValueError,
+    hint: str = "",
+) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a safetensors file's header, without its tensors.
+
+    Args:
+        path: the safetensors file.
+        key: the header entry that holds the JSON text.
+        what: what the file should be, for messages (``"openqpm model"``, ...).
+        error: the ValueError subclass to raise for a file that is not one.
+        hint: appended to the message when ``key`` is missing.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: (``error``) not a safetensors file, no ``key``, or JSON that is not an object.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file '{file}' does not exist")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as failure:
+        raise error(f"'{file}' is not a safetensors file: {failure}") from None
+    if key not in header:
+        raise error(f"'{file}' is a safetensors file but not an {what} (no '{key}' metadata){hint}")
+    try:
+        document = json.loads(header[key])
+    except json.JSONDecodeError as failure:
+        raise error(f"'{file}' has corrupt {what} metadata: {failure}") from None
+    if not isinstance(document, dict):
+        raise error(f"'{file}': the {what} metadata is not a JSON object")
+    return document

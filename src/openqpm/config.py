@@ -40,6 +40,7 @@ __all__ = [
     "config_names",
     "config_to_dict",
     "demo_config",
+    "field_value",
     "load_config",
     "parse_override",
     "save_config",
@@ -206,6 +207,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def field_value(config: RunConfig, dotted: str) -> Any:
+    """The value of a dotted field (``"solver.n_features"``) or a whole section, as plain data."""
+    node: Any = config_to_dict(config)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def _from_dict(cls: type[_T], data: Mapping[str, Any], where: str) -> _T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
@@ -363,6 +372,7 @@ def apply_overrides(
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def _packaged_folder() -> Any:
     # a plain data folder inside the package (not a package itself): shipped as package data

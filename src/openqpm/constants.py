@@ -85,6 +85,18 @@ def _checked_arrays(
     return checked
 
 
+def _leading_shape(
+    arrays: Mapping[str, Any], key: str, owner: str, *, ndim: int
+) -> tuple[int, ...]:
+    """The shape of ``arrays[key]``, the array that gives the sizes the others are checked to."""
+    if key not in arrays:
+        raise ValueError(f"{owner}.from_arrays: missing key {key!r}")
+    shape = tuple(int(n) for n in np.shape(arrays[key]))
+    if len(shape) != ndim:
+        raise ValueError(f"{owner}.from_arrays: {key!r} must be {ndim}-D, got shape {shape}")
+    return shape
+
+
 # ----------------------------------------------------------------------------------------------
 # streamed statistics
 
@@ -190,9 +202,9 @@ class FeatureStatistics:
         Raises:
             ValueError: If a key is missing or shapes disagree.
         """
-        if "class_feature_sums" not in arrays:
-            raise ValueError("FeatureStatistics.from_arrays: missing key 'class_feature_sums'")
-        n_classes, n_features = np.shape(arrays["class_feature_sums"])
+        n_classes, n_features = _leading_shape(
+            arrays, "class_feature_sums", "FeatureStatistics", ndim=2
+        )
         checked = _checked_arrays(
             arrays,
             {
@@ -385,9 +397,7 @@ class MapStatistics:
         Raises:
             ValueError: If a key is missing or shapes disagree.
         """
-        if "pooled_sum" not in arrays:
-            raise ValueError("MapStatistics.from_arrays: missing key 'pooled_sum'")
-        n_features = int(np.shape(arrays["pooled_sum"])[0])
+        (n_features,) = _leading_shape(arrays, "pooled_sum", "MapStatistics", ndim=1)
         shapes: dict[str, tuple[int, ...]] = dict.fromkeys(cls._SUM_KEYS, (n_features,))
         shapes.update({"count": (), "map_size": (2,)})
         checked = _checked_arrays(arrays, shapes, "MapStatistics")
@@ -704,7 +714,8 @@ def _mean_shift_1d(
     1e-3 * bandwidth or after ``max_iterations``; centres ranked by (points within, value),
     centres within ``bandwidth`` of a better one dropped; each point labelled by its nearest
     centre), but the window sums come from prefix sums over the sorted values, so all seeds
-    advance together: ~0.1 s instead of ~20 s for 2048 values (a test checks both agree).
+    advance together, orders of magnitude faster for thousands of values (a test checks both
+    agree).
 
     Returns:
         ``(labels, centres)``: (n,) cluster index of each value, centres by falling intensity.

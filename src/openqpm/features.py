@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader
 
 from openqpm import distributed
+from openqpm._io import atomic_path, atomic_write_text, eval_mode, unpack_batch
 from openqpm.constants import FeatureStatistics, MapStatistics
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
@@ -125,15 +125,6 @@ def summarize_feature_maps_torch(
     return pooled, peak_softmax, peak_index
 
 
-def _unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], torch.as_tensor(batch[1])
-    raise ValueError(
-        "the loader must yield (images, labels) batches; got "
-        f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}"
-    )
-
-
 def _n_classes_of(model: QPMModel, loader: DataLoader) -> int:
     class_names = getattr(model, "class_names", None)
     if class_names is not None:
@@ -196,9 +187,7 @@ def extract_features(
     device = torch.device(device)
     loader = distributed.shard_loader(loader)
     n_classes = _n_classes_of(model, loader)
-    was_training = model.training
     model.to(device)
-    model.eval()
     # Made before the first batch (not from its shape) so that a rank with no image still
     # takes part in the reductions below.
     n_features = int(model.backbone.n_features)
@@ -210,9 +199,9 @@ def extract_features(
     n_steps = len(loader)
     n_images = 0
     start = time.perf_counter()
-    try:
+    with eval_mode(model):
         for step, batch in enumerate(loader, start=1):
-            images, labels = _unpack_batch(batch)
+            images, labels = unpack_batch(batch)
             feature_maps = model.forward_features(images.to(device, non_blocking=True))
             pooled_t, peak_softmax_t, peak_index_t = summarize_feature_maps_torch(
                 feature_maps.float()
@@ -243,8 +232,6 @@ def extract_features(
                         eta_s=elapsed_s / step * max(n_steps - step, 0),
                     )
                 )
-    finally:
-        model.train(was_training)
     feature_stats = _reduce(feature_stats)
     map_stats = _reduce(map_stats)
     if feature_stats.count == 0:
@@ -313,20 +300,6 @@ def _gather_in_dataset_order(rows: np.ndarray, loader: DataLoader) -> np.ndarray
 # ----------------------------------------------------------------------------- save / load
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(temp_path)`` to a temp file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-
 def save_feature_pass(path_dir: str | os.PathLike[str], feature_pass: FeaturePass) -> Path:
     """Write a features pass to a folder: ``feature_pass.safetensors`` + ``feature_pass.json``.
 
@@ -362,14 +335,10 @@ def save_feature_pass(path_dir: str | os.PathLike[str], feature_pass: FeaturePas
         "tensors_file": _TENSORS_FILE,
         "keys": sorted(arrays),
     }
-    _atomic_write_bytes(folder / _TENSORS_FILE, lambda temp: save_file(arrays, temp))
-
-    def write_json(temp: str) -> None:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=2, sort_keys=True)
-
+    with atomic_path(folder / _TENSORS_FILE) as temporary:
+        save_file(arrays, str(temporary))
     # The JSON is written last: a folder with a JSON file holds a complete tensors file.
-    _atomic_write_bytes(folder / _METADATA_FILE, write_json)
+    atomic_write_text(folder / _METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True))
     return folder
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "REFERENCE_BETA",
     "default_diversity_beta",
     "feature_diversity_loss",
+    "resolve_diversity_beta",
     "scaled_beta",
 ]
 
@@ -190,3 +191,42 @@ def default_diversity_beta(
             "or set the beta explicitly"
         )
     return scaled_beta(REFERENCE_BETA, map_height, map_width)
+
+
+def resolve_diversity_beta(
+    arch: str, *, override: float | None, reduced_strides: bool, image_size_px: int
+) -> float:
+    """The beta a run trains with: the override, else the tabulated value, else a scaled one.
+
+    Backbones without a ``DIVERSITY_BETA`` entry (``timm:`` models) get 0.196 scaled to the size
+    of their maps at ``image_size_px`` (see :func:`scaled_beta`); the backbone is built (with
+    random weights, no download) only in that case, to measure its maps.
+
+    Args:
+        arch: the backbone's registry name.
+        override: a beta set explicitly (the run's ``diversity_beta``); returned as given.
+        reduced_strides: whether the backbone runs with reduced strides (changes its map size).
+        image_size_px: the side of the training images.
+
+    Returns:
+        beta.
+
+    Raises:
+        ValueError: an unknown backbone or an image size it does not accept (only when the
+            beta has to be scaled).
+
+    Example:
+        >>> resolve_diversity_beta("resnet50", override=None, reduced_strides=True,
+        ...                        image_size_px=224)
+        0.196
+    """
+    if override is not None:
+        return float(override)
+    if arch in DIVERSITY_BETA:
+        return float(DIVERSITY_BETA[arch])
+    # imported here: openqpm.models imports torchvision and must not load with the losses
+    from openqpm.models.backbones import create_backbone
+
+    backbone = create_backbone(arch, reduced_strides=reduced_strides)
+    height, width = backbone.feature_map_size(image_size_px)
+    return float(default_diversity_beta(arch, map_height=height, map_width=width))

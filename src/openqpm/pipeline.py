@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from openqpm import distributed
 from openqpm._io import atomic_write_text, is_main_process, to_jsonable
-from openqpm.config import RunConfig, resolved_reduced_strides, save_config
+from openqpm.config import RunConfig, field_value, resolved_reduced_strides, save_config
 from openqpm.stages import (
     STAGES,
     PipelineError,
@@ -92,16 +92,10 @@ def check_choices(config: RunConfig) -> None:
     Raises:
         PipelineError: naming the field, its value and the valid names.
     """
-    values = {
-        "data.dataset": config.data.dataset,
-        "data.augment": config.data.augment,
-        "solver.method": config.solver.method,
-        "solver.bias": config.solver.bias,
-        "solver.r_scaling": config.solver.r_scaling,
-    }
     for name, valid in _choice_lists():
-        if values[name] not in valid:
-            raise PipelineError(f"{name}={values[name]!r} is not valid; choose {', '.join(valid)}")
+        value = field_value(config, name)
+        if value not in valid:
+            raise PipelineError(f"{name}={value!r} is not valid; choose {', '.join(valid)}")
     if config.model.weights and not Path(config.model.weights).is_file():
         raise PipelineError(f"model.weights: file {config.model.weights} does not exist")
 

@@ -35,7 +35,7 @@ from openqpm.config import (
     DenseConfig,
     FinetuneConfig,
     RunConfig,
-    config_to_dict,
+    field_value,
     resolved_reduced_strides,
 )
 
@@ -537,13 +537,6 @@ def downstream_of(name: str) -> tuple[str, ...]:
     return tuple(stage.name for stage in STAGES if stage.name in made_from - {name})
 
 
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def stage_hash(config: RunConfig, name: str) -> str:
     """A short hash of every configuration field ``name`` depends on, through the stages it needs.
 
@@ -553,12 +546,11 @@ def stage_hash(config: RunConfig, name: str) -> str:
     Raises:
         PipelineError: ``name`` is not a stage.
     """
-    data = config_to_dict(config)
     hashes: dict[str, str] = {}
     for stage in STAGES[: stage_names().index(get_stage(name).name) + 1]:
         parts: dict[str, Any] = {"stage": stage.name}
         parts.update({f"stage:{need}": hashes[need] for need in stage.needs})
-        parts.update({item: _lookup(data, item) for item in stage.fields})
+        parts.update({item: field_value(config, item) for item in stage.fields})
         text = json.dumps(parts, sort_keys=True)
         hashes[stage.name] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     return hashes[name]

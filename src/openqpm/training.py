@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as torch_distributed
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional
@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from openqpm import distributed as _distributed
-from openqpm._io import atomic_path, eval_mode, is_main_process, unpack_batch
+from openqpm._io import atomic_path, eval_mode, is_main_process, read_json_header, unpack_batch
 from openqpm.losses import feature_diversity_loss
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; models import torchvision
@@ -452,19 +452,8 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: not a readable openqpm training checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path} is not a safetensors file: {error}") from None
-    if _METADATA_KEY not in metadata:
-        raise CheckpointError(f"{path} is not an openqpm training checkpoint (no {_METADATA_KEY})")
-    try:
-        document = json.loads(metadata[_METADATA_KEY])
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: the checkpoint's JSON header is corrupt: {error}") from None
+    what = "openqpm training checkpoint"
+    document = read_json_header(path, _METADATA_KEY, what=what, error=CheckpointError)
     if document.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {document.get('format')!r} is not a checkpoint")
     if document.get("format_version") != _CHECKPOINT_VERSION:

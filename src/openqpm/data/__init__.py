@@ -8,11 +8,11 @@ Names are imported lazily: ``openqpm.data.synthetic`` (numpy and Pillow only) is
 generator's worker processes, which should not pay for importing torch.
 
 Example:
-    >>> from openqpm.data import create_dataset, build_transforms
+    >>> from openqpm.data import create_dataset, build_transforms, resize_squashes
     >>> train = create_dataset("cub", "~/data/CUB_200_2011", "train")
     >>> mean, std = train.mean_std
     >>> train.transform = build_transforms(train=True, image_size_px=224, mean=mean, std=std,
-    ...                                    squash=train.crop)
+    ...                                    squash=resize_squashes("cub", train.crop))
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "make_synthetic",
     "register_dataset",
     "render_preview",
+    "resize_squashes",
 ]
 
 # public name -> module that defines it
@@ -43,6 +44,7 @@ _LAZY = {
     "create_dataset": "openqpm.data._registry",
     "dataset_names": "openqpm.data._registry",
     "register_dataset": "openqpm.data._registry",
+    "resize_squashes": "openqpm.data._registry",
     "DATASET_STATS": "openqpm.data.transforms",
     "build_transforms": "openqpm.data.transforms",
     "compute_mean_std": "openqpm.data.transforms",
@@ -54,7 +56,12 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from openqpm.data._base import DatasetError, ImageDataset
-    from openqpm.data._registry import create_dataset, dataset_names, register_dataset
+    from openqpm.data._registry import (
+        create_dataset,
+        dataset_names,
+        register_dataset,
+        resize_squashes,
+    )
     from openqpm.data.check import check_dataset, detect_dataset
     from openqpm.data.synthetic import make_synthetic, render_preview
     from openqpm.data.transforms import DATASET_STATS, build_transforms, compute_mean_std

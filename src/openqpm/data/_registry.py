@@ -18,14 +18,22 @@ from PIL import Image
 
 from openqpm.data._base import DatasetError, FolderReport, ImageDataset, normalise_split
 
-__all__ = ["DatasetSpec", "create_dataset", "dataset_names", "dataset_spec", "register_dataset"]
+__all__ = [
+    "DatasetSpec",
+    "create_dataset",
+    "dataset_names",
+    "dataset_spec",
+    "register_dataset",
+    "resize_squashes",
+]
 
 Loader = Callable[..., ImageDataset]
 Detector = Callable[[Path], bool]
 Validator = Callable[[Path], FolderReport]
 
 _BUILTIN_MODULES = (
-    "openqpm.data.cub",  # registers "synthetic" and "cub"
+    "openqpm.data.cub",
+    "openqpm.data.synthetic_loader",
     "openqpm.data.travelingbirds",
     "openqpm.data.cars",
     "openqpm.data.aircraft",
@@ -47,6 +55,9 @@ class DatasetSpec:
         description: one line for listings and error messages.
         priority: detection order, lowest first: a more specific layout must be tried before a
             more general one that also matches it (the synthetic set is also a CUB folder).
+        squash_when_cropped: images cropped to their box are resized to a square without
+            keeping the aspect ratio (squashed), as the reference code does for the birds; the
+            others are resized by their shorter side and centre-cropped.
     """
 
     name: str
@@ -55,6 +66,7 @@ class DatasetSpec:
     validate: Validator
     description: str
     priority: int
+    squash_when_cropped: bool = False
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -62,7 +74,13 @@ _builtins_loaded = False
 
 
 def register_dataset(
-    name: str, *, detect: Detector, validate: Validator, description: str, priority: int = 100
+    name: str,
+    *,
+    detect: Detector,
+    validate: Validator,
+    description: str,
+    priority: int = 100,
+    squash_when_cropped: bool = False,
 ) -> Callable[[Loader], Loader]:
     """Register a loader under ``name`` (decorator).
 
@@ -72,6 +90,8 @@ def register_dataset(
         validate: the problems of a folder of this layout and the images it uses.
         description: one line describing the expected layout.
         priority: detection order, lowest first (built-in layouts use 10 to 90).
+        squash_when_cropped: box-cropped images are squashed to a square (see
+            :class:`DatasetSpec`).
 
     Returns:
         The decorator, which returns the loader unchanged.
@@ -89,7 +109,15 @@ def register_dataset(
     def decorator(loader: Loader) -> Loader:
         if name in _REGISTRY:
             raise ValueError(f"data set {name!r} is already registered")
-        _REGISTRY[name] = DatasetSpec(name, loader, detect, validate, description, priority)
+        _REGISTRY[name] = DatasetSpec(
+            name,
+            loader,
+            detect,
+            validate,
+            description,
+            priority,
+            squash_when_cropped=squash_when_cropped,
+        )
         return loader
 
     return decorator
@@ -120,6 +148,27 @@ def dataset_spec(name: str) -> DatasetSpec:
     if key not in _REGISTRY:
         raise DatasetError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
     return _REGISTRY[key]
+
+
+def resize_squashes(name: str, crop: bool) -> bool:
+    """Whether the transforms squash the images of data set ``name`` to a square.
+
+    True for the bird layouts (CUB, TravelingBirds, the synthetic set) when their images are
+    cropped to the box, as in the reference code; the transforms otherwise resize the shorter
+    side and centre-crop (``build_transforms(..., squash=resize_squashes(name, crop))``).
+
+    Args:
+        name: a registered data set name.
+        crop: whether the images are cropped to their ground-truth box.
+
+    Raises:
+        DatasetError: unknown name; the message lists the valid ones.
+
+    Example:
+        >>> resize_squashes("cub", True), resize_squashes("cub", False)
+        (True, False)
+    """
+    return dataset_spec(name).squash_when_cropped and bool(crop)
 
 
 def create_dataset(

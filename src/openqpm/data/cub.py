@@ -1,4 +1,4 @@
-"""CUB-200-2011 (and the embedded synthetic set, which is written in the same layout).
+"""CUB-200-2011, the layout that the embedded synthetic set is written in too.
 
 Expected layout (the official archive; ``root`` may be ``CUB_200_2011`` or the folder holding it)::
 
@@ -441,28 +441,38 @@ class CubDataset(ImageDataset):
         self.cub_folder = index.folder
         self._all_image_ids = index.image_ids
 
-    def _read_image_attributes(self) -> np.ndarray | None:
-        path = self.cub_folder / "attributes" / "image_attribute_labels.txt"
-        if self.attribute_names is None or not path.is_file():
+    def _read_annotation(
+        self,
+        relative_path: str,
+        names: list[str] | None,
+        read: Callable[..., np.ndarray | None],
+        *,
+        fatal: bool,
+    ) -> np.ndarray | None:
+        """``read`` an optional per-image table for this split; its problems raise or are logged."""
+        path = self.cub_folder / relative_path
+        if names is None or not path.is_file():
             return None
         problems: list[str] = []
-        values = read_image_attribute_labels(
-            path, self.image_ids, len(self.attribute_names), problems, known_ids=self._all_image_ids
-        )
+        values = read(path, self.image_ids, len(names), problems, known_ids=self._all_image_ids)
+        if fatal:
+            raise_problems(problems, what=str(path))
         for problem in problems:
             _logger.warning("%s", problem)
         return values
 
-    def _read_part_pixel_locations(self) -> np.ndarray | None:
-        path = self.cub_folder / "parts" / "part_locs.txt"
-        if self.part_names is None or not path.is_file():
-            return None
-        problems: list[str] = []
-        values = read_part_locations(
-            path, self.image_ids, len(self.part_names), problems, known_ids=self._all_image_ids
+    def _read_image_attributes(self) -> np.ndarray | None:
+        return self._read_annotation(
+            "attributes/image_attribute_labels.txt",
+            self.attribute_names,
+            read_image_attribute_labels,
+            fatal=False,
         )
-        raise_problems(problems, what=str(path))
-        return values
+
+    def _read_part_pixel_locations(self) -> np.ndarray | None:
+        return self._read_annotation(
+            "parts/part_locs.txt", self.part_names, read_part_locations, fatal=True
+        )
 
 
 def load_cub_split(
@@ -551,67 +561,13 @@ def _detect_cub(root: Path) -> bool:
     return find_cub_folder(root) is not None
 
 
-def _detect_synthetic(root: Path) -> bool:
-    from openqpm.data.synthetic import METADATA_FILE
-
-    folder = find_cub_folder(root)
-    return folder is not None and (folder / METADATA_FILE).is_file()
-
-
-def _synthetic_mean_std(root: Path) -> MeanStd:
-    from openqpm.data.synthetic import read_synthetic_metadata
-
-    folder = find_cub_folder(root) or root
-    try:
-        metadata = read_synthetic_metadata(folder)
-    except ValueError as error:
-        raise DatasetError(str(error)) from error
-    mean, std = metadata["mean"], metadata["std"]
-    return (
-        (float(mean[0]), float(mean[1]), float(mean[2])),
-        (float(std[0]), float(std[1]), float(std[2])),
-    )
-
-
-def _validate_synthetic(root: Path) -> FolderReport:
-    report = validate_cub_folder(root)
-    try:
-        _synthetic_mean_std(root)
-    except DatasetError as error:
-        report.problems.append(str(error))
-    return report
-
-
-@register_dataset(
-    "synthetic",
-    detect=_detect_synthetic,
-    validate=_validate_synthetic,
-    description="the embedded part-based set (openqpm data make-synthetic), CUB layout",
-    priority=10,
-)
-def _load_synthetic(
-    root: Path,
-    split: str,
-    *,
-    transform: Callable[[Image.Image], Any] | None = None,
-    crop: bool = True,
-) -> CubDataset:
-    return load_cub_split(
-        root,
-        split,
-        transform=transform,
-        crop=crop,
-        mean_std=_synthetic_mean_std(root),
-        name="synthetic",
-    )
-
-
 @register_dataset(
     "cub",
     detect=_detect_cub,
     validate=validate_cub_folder,
     description="CUB-200-2011: CUB_200_2011/{images.txt, classes.txt, ..., images/}",
     priority=30,
+    squash_when_cropped=True,
 )
 def _load_cub(
     root: Path,

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from openqpm._io import atomic_path
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1190,15 +1192,6 @@ def render_preview(
                 tile = image.convert("RGB").resize((tile_px, tile_px), Image.Resampling.NEAREST)
             grid.paste(tile, (label_width + column * (tile_px + 4), y))
     out_path = Path(out_png).expanduser()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{out_path.name}.", suffix=".png", dir=out_path.parent
-    )
-    os.close(handle)
-    try:
+    with atomic_path(out_path, suffix=".png") as temporary:
         grid.save(temporary, format="PNG")
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return out_path

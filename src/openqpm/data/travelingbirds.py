@@ -141,6 +141,7 @@ def _split_rows(
     validate=lambda root: validate_travelingbirds(root),
     description="TravelingBirds: CUB_fixed/{train,test}/<class>/<file> + CUB_200_2011 beside",
     priority=20,
+    squash_when_cropped=True,
 )
 def load_travelingbirds(
     root: Path,

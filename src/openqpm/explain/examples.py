@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from openqpm._io import eval_mode
 from openqpm.metrics import diversity_scores
 
 _logger = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ def scan_dataset(
         name: [] for name in ("labels", "predictions", "runner_up", "margin", "features", "peaks")
     }
     distinct: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch_index, (images, labels) in enumerate(loader):
             backbone_maps = qpm.forward_features(images.to(device))  # (B, n_f, h, w)
             logits = qpm.forward_head(backbone_maps).float()  # (B, n_c)
@@ -118,8 +117,6 @@ def scan_dataset(
             parts["peaks"].append(maps.flatten(2).amax(dim=2).cpu().numpy())  # (B, K)
             if progress is not None:
                 progress("scan", batch_index + 1, len(loader))
-    finally:
-        model.train(was_training)
     if not parts["labels"]:
         raise ValueError("the data set is empty")
     return DatasetScan(

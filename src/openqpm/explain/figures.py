@@ -16,6 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from openqpm._io import eval_mode
 from openqpm.explain.heatmaps import composite_overlay, heatmap_overlay
 
 __all__ = [
@@ -130,15 +131,11 @@ def explain_image(
     batch = image[None] if image.ndim == 3 else image
     if batch.ndim != 4 or batch.shape[0] != 1:
         raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         backbone_maps = qpm.forward_features(batch.to(device))  # (1, n_f, h, w)
         logits = qpm.forward_head(backbone_maps)[0].float().cpu().numpy()  # (n_c,)
         features = qpm.forward_head(backbone_maps, pre_logits=True)[0].float().cpu().numpy()
         maps = qpm.head_feature_maps(backbone_maps)[0].float().cpu().numpy()  # (K, h, w)
-    finally:
-        model.train(was_training)
     if len(logits) < 2:
         raise ValueError("a local explanation needs a model with at least two classes")
     order = np.argsort(-logits, kind="stable")

@@ -9,8 +9,6 @@ explanation of that pair (paper Figures 1 and 4).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openqpm._io import atomic_write_text
 from openqpm.metrics import class_similarity
 
 __all__ = ["ContrastivePair", "GlobalExplanation", "write_json_atomic"]
@@ -298,15 +297,5 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write '{path}': folder does not exist")
-    text = json.dumps(data, indent=2, allow_nan=False)
-    file_descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
     return path

@@ -9,8 +9,6 @@ makes them comparable: the weaker image is drawn dimmer, as in the paper's figur
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from openqpm._io import atomic_path
 
 __all__ = [
     "assign_feature_colors",
@@ -244,21 +244,13 @@ def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
 
     Args:
         image: (H, W, 3) uint8 array or PIL image.
-        path: the file; its folder must exist.
+        path: the file; its folder is created when missing.
 
     Returns:
         The path written.
     """
     path = Path(path)
     picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    file_descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    os.close(file_descriptor)
-    try:
+    with atomic_path(path) as temporary:
         picture.save(temporary, format="PNG", compress_level=6)  # optimize=True: 10x slower
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path

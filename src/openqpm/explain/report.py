@@ -19,8 +19,6 @@ class filter on the index page.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 
+from openqpm._io import atomic_path, atomic_write_text, eval_mode, to_jsonable
 from openqpm.explain._report_html import FILTER_SCRIPT, STYLE_CSS, escape, page
 from openqpm.explain.examples import (
     DatasetScan,
@@ -133,19 +132,6 @@ def _feature_file(feature: int) -> str:
 def _css_color(color: np.ndarray) -> str:
     red, green, blue = (round(255 * float(c)) for c in color)
     return f"#{red:02x}{green:02x}{blue:02x}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    file_descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_report(
@@ -259,29 +245,31 @@ def write_report(
     ][:max_pairs]
     _write_pair_figures(context, pairs, progress=progress)
 
-    _write_text(out / "style.css", STYLE_CSS)
+    atomic_write_text(out / "style.css", STYLE_CSS)
     explanation.save_json(out / "explanation.json")
     if metrics is not None or dense_metrics is not None:
+        shown = {"qpm": metrics, "dense": dense_metrics}
         write_json_atomic(
             out / "metrics.json",
-            {"qpm": _jsonable(metrics), "dense": _jsonable(dense_metrics)},
+            # dict(): to_jsonable turns mappings other than dicts into their str
+            to_jsonable({key: None if m is None else dict(m) for key, m in shown.items()}),
         )
     n_pages = len(class_pages) + n_features + 2
     done = 0
     for c in sorted(class_pages):
-        _write_text(out / "classes" / _class_file(c), _class_page(context, c))
+        atomic_write_text(out / "classes" / _class_file(c), _class_page(context, c))
         done += 1
         if progress is not None:
             progress("pages", done, n_pages)
     for d in range(n_features):
-        _write_text(out / "features" / _feature_file(d), _feature_page(context, d))
+        atomic_write_text(out / "features" / _feature_file(d), _feature_page(context, d))
         done += 1
         if progress is not None:
             progress("pages", done, n_pages)
-    _write_text(out / "pairs.html", _pairs_page(context, pairs))
+    atomic_write_text(out / "pairs.html", _pairs_page(context, pairs))
     index_path = out / "index.html"
     heading = title or _default_title(model, dataset)
-    _write_text(index_path, _index_page(context, pairs, metrics, dense_metrics, heading))
+    atomic_write_text(index_path, _index_page(context, pairs, metrics, dense_metrics, heading))
     if progress is not None:
         progress("pages", n_pages, n_pages)
     _logger.info("wrote report with %d class pages to %s", len(class_pages), index_path)
@@ -302,19 +290,6 @@ def _default_title(model: Any, dataset: Any) -> str:
     return f"QPM report · {backbone} on {data_name}"
 
 
-def _jsonable(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if values is None:
-        return None
-    result: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not np.isfinite(value):
-            value = None
-        result[str(key)] = value
-    return result
-
-
 @torch.no_grad()
 def _feature_maps_of(
     model: Any,
@@ -330,10 +305,8 @@ def _feature_maps_of(
     if not indices:
         return result
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
-    was_training = model.training
-    model.eval()
     position = 0
-    try:
+    with eval_mode(model):
         for batch_index, (images, _) in enumerate(loader):
             maps = model.head_feature_maps(model.forward_features(images.to(device)))
             maps_array = maps.float().cpu().numpy()  # (B, K, h, w)
@@ -342,8 +315,6 @@ def _feature_maps_of(
                 position += 1
             if progress is not None:
                 progress("maps", batch_index + 1, len(loader))
-    finally:
-        model.train(was_training)
     return result
 
 
@@ -432,16 +403,8 @@ def _write_pair_figures(
 
 
 def _save_figure(figure: Figure, path: Path) -> None:
-    file_descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    os.close(file_descriptor)
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=_PAIR_DPI, facecolor="white")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from openqpm.models.backbones import (
     register_backbone,
 )
 from openqpm.models.head import DenseHead, QPMHead
-from openqpm.models.model import QPMModel, load, read_metadata
+from openqpm.models.model import QPMModel, load, qpm_from_dense, read_metadata
 
 __all__ = [
     "Backbone",
@@ -23,6 +23,7 @@ __all__ = [
     "check_n_features",
     "create_backbone",
     "load",
+    "qpm_from_dense",
     "read_metadata",
     "register_backbone",
 ]

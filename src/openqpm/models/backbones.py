@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openqpm._io import eval_mode
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -130,13 +132,8 @@ class Backbone(nn.Module):
             for name, value in [*self.named_parameters(), *self.named_buffers()]
         }
         images = torch.empty(1, 3, image_size_px, image_size_px, device="meta")
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                maps = torch.func.functional_call(self, tensors, (images,))
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            maps = torch.func.functional_call(self, tensors, (images,))
         return int(maps.shape[2]), int(maps.shape[3])
 
     def load_weights(self, weights_path: str | Path) -> None:

@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from openqpm._io import atomic_path, read_json_header
 from openqpm.models.backbones import Backbone, create_backbone
 from openqpm.models.head import ArrayLike, DenseHead, QPMHead
 
+if TYPE_CHECKING:  # pragma: no cover - the solver is not imported at load time
+    from openqpm.solver.problem import Assignment
+
 _logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "QPMModel", "load", "read_metadata"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "QPMModel",
+    "load",
+    "qpm_from_dense",
+    "read_metadata",
+]
 
 FORMAT_NAME = "openqpm-model"
 # Bump when the metadata layout changes in a way older readers cannot follow.
@@ -236,20 +246,66 @@ class QPMModel(nn.Module):
             for key, value in self.state_dict().items()
         }
         header = {_METADATA_KEY: json.dumps(description, allow_nan=False)}
-        file_descriptor, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        os.close(file_descriptor)
-        try:
-            save_file(tensors, temporary, metadata=header)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as temporary:
+            save_file(tensors, str(temporary), metadata=header)
         _logger.info(
             "saved %s model with %d tensors to %s", description["head"]["type"], len(tensors), path
         )
         return path
+
+
+def qpm_from_dense(
+    dense: QPMModel,
+    assignment: Assignment,
+    feature_mean: ArrayLike,
+    feature_std: ArrayLike,
+    *,
+    dropout: float,
+) -> QPMModel:
+    """The QPM of a solved assignment, on the dense model's backbone, ready for fine-tuning.
+
+    The QPM head normalises each selected feature with fixed training-set statistics: the
+    entries of ``feature_mean`` and ``feature_std`` (over all backbone features, e.g. a features
+    pass's ``feature_stats.mean`` and ``.std``) at the selected features are taken.
+
+    Args:
+        dense: the trained dense model; its backbone is shared (not copied).
+        assignment: an ``openqpm.solver.Assignment`` (selected features and each class's ones).
+        feature_mean: (n_f,) training-set mean of every pooled backbone feature.
+        feature_std: (n_f,) training-set population std of every pooled backbone feature.
+        dropout: dropout on the raw pooled features during fine-tuning.
+
+    Returns:
+        A new :class:`QPMModel` (see :meth:`QPMModel.to_qpm`).
+
+    Raises:
+        ValueError: statistics that are not of length n_f, or an assignment that does not fit
+            the model (as :meth:`QPMModel.to_qpm`).
+    """
+    n_features = int(dense.backbone.n_features)
+    statistics = {}
+    for name, values in (("feature_mean", feature_mean), ("feature_std", feature_std)):
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (n_features,):
+            raise ValueError(
+                f"{name} must hold one value per backbone feature ({n_features}), got shape "
+                f"{array.shape}"
+            )
+        statistics[name] = array
+    selected = np.asarray(assignment.selected_features, dtype=np.int64)
+    outside = selected[(selected < 0) | (selected >= n_features)]
+    if outside.size:
+        raise ValueError(
+            f"the assignment selects feature {int(outside[0])} but the backbone has features "
+            f"0 to {n_features - 1}"
+        )
+    return dense.to_qpm(
+        selected,
+        statistics["feature_mean"][selected],
+        statistics["feature_std"][selected],
+        assignment.class_feature_matrix(),
+        dropout=dropout,
+    )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -265,26 +321,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, not written by openqpm, or a newer format.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file '{path}' does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"'{path}' is not a safetensors file: {error}") from error
-    if _METADATA_KEY not in header:
-        raise ValueError(
-            f"'{path}' is a safetensors file but not an openqpm model (no '{_METADATA_KEY}' "
-            "metadata); it may be a plain backbone checkpoint: pass it as weights_path instead"
-        )
-    try:
-        description = json.loads(header[_METADATA_KEY])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"'{path}' has corrupt openqpm metadata: {error}") from error
-    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
+    description = read_json_header(
+        path,
+        _METADATA_KEY,
+        what="openqpm model",
+        hint="; it may be a plain backbone checkpoint: pass it as weights_path instead",
+    )
+    if description.get("format") != FORMAT_NAME:
         raise ValueError(f"'{path}' metadata is not in the {FORMAT_NAME!r} format")
     version = description.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

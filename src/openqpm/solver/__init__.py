@@ -59,10 +59,9 @@ _METHODS: dict[str, tuple[str, str]] = {
 # share of the time limit "auto" gives the search before the MILP takes over: the search reaches
 # its plateau in seconds, the bound keeps improving with every second the MILP gets
 AUTO_SEARCH_SHARE = 0.25
-# ... and at most this long: on the CUB scale the search's last improvement came at 12 s of 120 s
-# (and 600 s found the same 180.1135); on the ImageNet scale 166.531 at 75 s became 166.540 at
-# 221 s. A long run's time is worth more to the MILP's bound (on CUB its root rounds after the
-# first 5 minutes take 45-100 s and lower the bound by 0.1-0.6 each).
+# ... and at most this long: at CUB and ImageNet scale the search stops improving well within two
+# minutes, while a long run's time still lowers the MILP's bound (benchmarks/solver.py prints
+# both trajectories).
 AUTO_SEARCH_MAX_S = 120.0
 
 

@@ -51,7 +51,7 @@ The incumbent is a selection; its value is always recomputed exactly with the op
 assignment of :func:`openqpm.solver.search.assign_classes`, never read off the relaxation.
 
 Example:
-    >>> from openqpm.solver.instances import generate_instance
+    >>> from openqpm.instances import generate_instance
     >>> problem = generate_instance(16, 6, 5, 2, seed=0, bias="none")
     >>> result = solve_milp(problem, time_limit_s=30)
     >>> result.gap is not None and result.gap < 1e-6  # optimum proven
@@ -91,12 +91,12 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["MilpOptions", "distinct_set_cut_holds", "new_highs", "solve_milp"]
 
-# the branch-and-bound root LP is solved cold, with every penalised pair of the model: measured
-# at ~6x the last warm re-solve of the root phase on the CUB scale (49 s vs 8 s)
+# the branch-and-bound root LP is solved cold, with every penalised pair of the model: several
+# times the last warm re-solve of the root phase at CUB scale (see benchmarks/solver.py)
 _COLD_LP_FACTOR = 8.0
 
 # anticipated collisions: each class's best sets among its k + 2 best selected features, the
-# 3 best of them (more sets or a wider window measured no better on the small scale)
+# 3 best of them (more sets or a wider window did no better on the small scale)
 _ANTICIPATED_SETS = 3
 _ANTICIPATED_EXTRA = 2
 

@@ -23,6 +23,8 @@ from openqpm.solver.modeling import (
     build_linear_milp,
     distinct_group_cut,
     finish_assignment,
+    import_backend,
+    report_incumbent,
     shared_sets,
     start_values,
 )
@@ -30,9 +32,7 @@ from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
     ProgressCallback,
-    SolverProgress,
     checked_selection,
-    relative_gap,
 )
 
 _logger = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ _INSTALL_HINT = (
     "the gurobi solver needs the gurobipy package and a Gurobi licence: "
     'pip install "openqpm[gurobi]" (its bundled licence only fits toy problems)'
 )
-
-
-def _import_gurobi() -> Any:
-    try:
-        import gurobipy
-    except ImportError as error:
-        raise ImportError(_INSTALL_HINT) from error
-    return gurobipy
 
 
 def solve_gurobi(
@@ -81,7 +73,7 @@ def solve_gurobi(
         ValueError: If ``time_limit_s`` is not positive.
         RuntimeError: If Gurobi ends without a solution (e.g. a licence size limit).
     """
-    gp = _import_gurobi()
+    gp = import_backend("gurobipy", _INSTALL_HINT)
     from openqpm.solver.search import assign_classes
 
     if not time_limit_s > 0:
@@ -131,18 +123,13 @@ def solve_gurobi(
         for classes, feature_set in groups:
             callback_model.cbLazy(distinct_group_cut(x, classes, feature_set, k, gp.quicksum))
             n_lazy[0] += 1
-        if progress is not None:
-            objective = float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBST))
-            bound = float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBND))
-            progress(
-                SolverProgress(
-                    elapsed_s=time.perf_counter() - started,
-                    objective=objective,
-                    bound=bound,
-                    gap=relative_gap(objective, bound),
-                    message="gurobi: integer solution",
-                )
-            )
+        report_incumbent(
+            progress,
+            started=started,
+            objective=float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBST)),
+            bound=float(callback_model.cbGet(GRB.Callback.MIPSOL_OBJBND)),
+            message="gurobi: integer solution",
+        )
 
     model.optimize(callback)
     if model.SolCount == 0:

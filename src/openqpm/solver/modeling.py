@@ -3,9 +3,10 @@
 :func:`build_linear_milp` states the model through three callables, so each backend supplies only
 its own way of making a variable and a constraint. :func:`start_values` gives the values of a
 known solution for a warm start, :func:`shared_sets` and :func:`distinct_group_cut` the lazy
-distinctness cuts, :func:`finish_assignment` the returned solution. The formulation is the one of :mod:`openqpm.solver.exact`, with
-every class-feature column and every penalised pair, and without distinctness (each backend adds it
-lazily in its own callback).
+distinctness cuts, :func:`finish_assignment` the returned solution, :func:`import_backend` and
+:func:`report_incumbent` the backend's module and its progress reports. The formulation is the one
+of :mod:`openqpm.solver.exact`, with every class-feature column and every penalised pair, and
+without distinctness (each backend adds it lazily in its own callback).
 """
 
 from __future__ import annotations
@@ -15,16 +16,55 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from openqpm.solver.problem import Assignment, AssignmentProblem, relative_gap
+from openqpm.solver.problem import (
+    Assignment,
+    AssignmentProblem,
+    ProgressCallback,
+    SolverProgress,
+    relative_gap,
+)
 
 __all__ = [
     "LinearMilp",
     "build_linear_milp",
     "distinct_group_cut",
     "finish_assignment",
+    "import_backend",
+    "report_incumbent",
     "shared_sets",
     "start_values",
 ]
+
+
+def import_backend(package: str, install_hint: str) -> Any:
+    """Import an optional top-level solver package, or fail with how to install it.
+
+    Imported as the ``import`` statement does (through ``__import__``), so that whatever
+    intercepts imports sees this one too.
+
+    Raises:
+        ImportError: the package is missing; the message is ``install_hint``.
+    """
+    try:
+        return __import__(package)
+    except ImportError as error:
+        raise ImportError(install_hint) from error
+
+
+def report_incumbent(
+    progress: ProgressCallback | None,
+    *,
+    started: float,
+    objective: float,
+    bound: float,
+    message: str,
+) -> None:
+    """Tell ``progress`` (when given) of a new incumbent and bound, ``started`` a perf_counter."""
+    if progress is not None:
+        elapsed_s = time.perf_counter() - started
+        progress(
+            SolverProgress(elapsed_s, objective, bound, relative_gap(objective, bound), message)
+        )
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from openqpm._io import atomic_write, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -86,24 +87,6 @@ def relative_gap(objective: float, bound: float | None) -> float | None:
         return None
     # the floor keeps the gap finite when the objective is (nearly) zero
     return (float(bound) - float(objective)) / max(abs(float(objective)), 1e-9)
-
-
-def _write_atomically(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
-    """Write a file through ``write(file_object)`` into a temp file, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(
-            descriptor, "wb" if binary else "w", encoding=None if binary else "utf-8"
-        ) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
 
 
 def _as_count(value: Any, name: str) -> int:
@@ -373,7 +356,7 @@ class AssignmentProblem:
             arrays["eps"] = np.asarray(self.eps, dtype=np.float64)
         if self.metadata:
             arrays["metadata"] = np.asarray(json.dumps(self.metadata, sort_keys=True))
-        _write_atomically(Path(path), lambda f: np.savez(f, **arrays), binary=True)  # type: ignore[arg-type]
+        atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AssignmentProblem:
@@ -564,7 +547,7 @@ class Assignment:
             ValueError: If a number is not finite (JSON cannot hold it).
         """
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        _write_atomically(Path(path), lambda f: f.write(text + "\n"), binary=False)
+        atomic_write_text(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Assignment:

@@ -27,6 +27,8 @@ from openqpm.solver.modeling import (
     build_linear_milp,
     distinct_group_cut,
     finish_assignment,
+    import_backend,
+    report_incumbent,
     shared_sets,
     start_values,
 )
@@ -34,8 +36,6 @@ from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
     ProgressCallback,
-    SolverProgress,
-    relative_gap,
 )
 
 _logger = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["solve_scip"]
 
 _INSTALL_HINT = 'the scip solver needs the pyscipopt package: pip install "openqpm[scip]"'
-
-
-def _import_scip() -> Any:
-    try:
-        import pyscipopt
-    except ImportError as error:
-        raise ImportError(_INSTALL_HINT) from error
-    return pyscipopt
 
 
 def solve_scip(
@@ -79,7 +71,7 @@ def solve_scip(
         ImportError: If pyscipopt is missing (the message says how to install it).
         ValueError: If ``time_limit_s`` is not positive or ``start`` is not a valid selection.
     """
-    scip = _import_scip()
+    scip = import_backend("pyscipopt", _INSTALL_HINT)
     from openqpm.solver.exact import MilpOptions
     from openqpm.solver.search import start_solution
 
@@ -171,18 +163,12 @@ def solve_scip(
             model.catchEvent(scip.SCIP_EVENTTYPE.BESTSOLFOUND, self)
 
         def eventexec(self, event: Any) -> None:
-            if progress is None:
-                return
-            objective = float(model.getSolObjVal(model.getBestSol()))
-            bound = float(model.getDualbound())
-            progress(
-                SolverProgress(
-                    elapsed_s=time.perf_counter() - started,
-                    objective=objective,
-                    bound=bound,
-                    gap=relative_gap(objective, bound),
-                    message="scip: new incumbent",
-                )
+            report_incumbent(
+                progress,
+                started=started,
+                objective=float(model.getSolObjVal(model.getBestSol())),
+                bound=float(model.getDualbound()),
+                message="scip: new incumbent",
             )
 
     model.includeEventhdlr(Incumbents(), "openqpm_incumbents", "reports new incumbents")

@@ -75,7 +75,7 @@ def _single_threaded_blas() -> Iterator[None]:
     """Limit BLAS to one thread while searching, restoring the previous setting afterwards.
 
     The search's matrix products are small (50 x 200 x 2048 at CUB scale); with several BLAS
-    threads on a busy machine they were measured 15x slower (37 ms instead of 2.4 ms) than on one.
+    threads on a busy machine they run many times slower than on one (``benchmarks/solver.py``).
     """
     try:
         from threadpoolctl import threadpool_limits

@@ -383,7 +383,7 @@ def generate_instance(
     )
     problem.metadata.update(
         {
-            "generator": "openqpm.solver.instances.generate_instance",
+            "generator": "openqpm.instances.generate_instance",
             "n_images_per_class": n_images_per_class,
             "seed": seed,
         }
