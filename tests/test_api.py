@@ -13,7 +13,7 @@ import torch
 import openqpm
 from openqpm.cli import main
 from openqpm.config import apply_overrides, load_config, save_config
-from openqpm.stages import Reporter, stage_hash, stage_names
+from openqpm.stages import Reporter, stage_hash, stages_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -63,7 +63,7 @@ def test_readme_from_python_block_runs(
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tiny"
     state = json.loads((run_dir / "stages.json").read_text())
-    assert set(state) == set(stage_names())
+    assert set(state) == set(stages_for(load_config(run_dir / "config.yaml")))
     # the printed explanation names the predicted class and the contrast
     assert ", not " in out and "margin" in out
 
@@ -92,8 +92,8 @@ def test_run_returns_typed_results_and_reports_progress(tiny_data: Path, tmp_pat
     config = _tiny_config(tiny_data)
     recorder = _Recorder()
     result = openqpm.run(config, tmp_path / "run", device="cpu", reporter=recorder)
-    assert list(result.summaries) == list(stage_names())
-    assert result.stage_hashes == {name: stage_hash(config, name) for name in stage_names()}
+    assert list(result.summaries) == list(stages_for(config))
+    assert result.stage_hashes == {name: stage_hash(config, name) for name in stages_for(config)}
     assert result.paths("finetune") == [tmp_path / "run" / "qpm.safetensors"]
     assert result.metrics is not None and 0 <= result.metrics["qpm"]["accuracy"] <= 100
     assignment = result.assignment

@@ -20,7 +20,7 @@ from openqpm.pipeline import (
 )
 from openqpm.solver import AssignmentProblem
 from openqpm.solver.problem import Assignment, validate_assignment
-from openqpm.stages import stage_hash, stage_names
+from openqpm.stages import stage_hash, stages_for
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_run_directory_has_every_artifact(tiny_run: tuple[RunConfig, Path]) -> N
     ):
         assert (run_dir / name).exists(), name
     state = read_stage_state(run_dir)
-    assert set(state) == set(stage_names())
-    for stage in stage_names():
+    assert set(state) == set(stages_for(config))
+    for stage in stages_for(config):
         assert state[stage]["hash"] == stage_hash(config, stage)
     # no pickle anywhere in the run directory
     suffixes = {p.suffix for p in run_dir.rglob("*") if p.is_file()}

@@ -7,7 +7,7 @@ Everything ``openqpm train`` does is available here, with typed results::
     config = openqpm.load_config("demo", overrides={"data.root": "data/synthetic"})
     result = openqpm.run(config, "runs/demo")            # every stage; reuses finished ones
     result.metrics["qpm"]["accuracy"], result.assignment.gap
-    model = result.load_model()                         # the QPM
+    model = result.load_model()                         # the QPM (or the method's model)
     openqpm.predict(model, ["bird.jpg"], top_k=3)
     openqpm.explain_prediction(model, "bird.jpg").text()
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from openqpm.config import ConfigError, RunConfig, load_config
-from openqpm.stages import Reporter, get_stage, stage_hash, stage_names
+from openqpm.stages import Reporter, outputs_of, stage_hash, stages_for
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only (these import torch)
     import torch
@@ -97,13 +97,18 @@ class RunResult:
     stage_hashes: dict[str, str]
 
     def paths(self, stage: str) -> list[Path]:
-        """The files and folders ``stage`` writes, in the run directory."""
-        return [self.run_dir / name for name in get_stage(stage).writes]
+        """The files and folders ``stage`` writes (for this run's method), in the run directory."""
+        return [self.run_dir / name for name in outputs_of(stage, self.config)]
+
+    @property
+    def method(self) -> str:
+        """The sparsification method (``qpm``, ``glm-saga5``, ``sldd`` or ``qsenn``)."""
+        return self.config.sparsify.method
 
     @property
     def metrics(self) -> dict[str, Any] | None:
-        """``metrics.json`` (``dense``, ``qpm``, ``baseline_top_weights``), or None before it."""
-        path = self.run_dir / "metrics.json"
+        """The evaluation (``dense``, the method's name, ``baseline_top_weights``), or None."""
+        path = self.paths("evaluate")[0]
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     @property
@@ -114,13 +119,15 @@ class RunResult:
         path = self.run_dir / "assignment.json"
         return Assignment.load(path) if path.is_file() else None
 
-    def load_model(self, which: str = "qpm") -> QPMModel:
-        """The saved ``qpm`` or ``dense`` model, on the CPU, in eval mode."""
+    def load_model(self, which: str = "model") -> QPMModel:
+        """The method's saved ``model`` (the QPM for ``qpm``) or the ``dense`` one, on the CPU."""
         from openqpm.models import load
+        from openqpm.stages import model_stage
 
-        if which not in {"qpm", "dense"}:
-            raise ValueError(f"which={which!r}: choose qpm or dense")
-        return load(self.run_dir / f"{which}.safetensors")
+        if which not in {"model", "dense"}:
+            raise ValueError(f"which={which!r}: choose model or dense")
+        stage = "dense" if which == "dense" else model_stage(self.method).name
+        return load(self.paths(stage)[0])
 
 
 def run(
@@ -138,7 +145,8 @@ def run(
     Args:
         config: a :class:`RunConfig`, a shipped configuration's name or a YAML path.
         run_dir: the run directory (created when missing).
-        stages: stage names (:func:`openqpm.stages.stage_names`); default all.
+        stages: stage names (:func:`openqpm.stages.stage_names`); default every stage of the
+            configuration's method (``sparsify.method``).
         overrides: dotted field -> value, applied to ``config`` (``{"solver.n_features": 40}``).
         device: default ``config.device``; see :func:`resolve_device`.
         resume: continue interrupted training from its last epoch checkpoint.
@@ -165,7 +173,7 @@ def run(
         run_dir=Path(run_dir),
         config=config,
         summaries=summaries,
-        stage_hashes={name: stage_hash(config, name) for name in stage_names()},
+        stage_hashes={name: stage_hash(config, name) for name in stages_for(config)},
     )
 
 

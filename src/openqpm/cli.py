@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -17,6 +16,7 @@ import openqpm
 from openqpm.stages import STAGES, PipelineError, Reporter, stage_names
 
 if TYPE_CHECKING:  # pragma: no cover
+    from openqpm.api import RunResult
     from openqpm.config import RunConfig
     from openqpm.solver.problem import SolverProgress
     from openqpm.training import TrainingProgress
@@ -178,14 +178,28 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--epochs-dense", "dense.epochs", int, "dense training epochs"),
     _Flag("--epochs-finetune", "finetune.epochs", int, "fine-tuning epochs"),
     _Flag("--batch-size", "data.batch_size", int, "batch size per process"),
-    _Flag("--method", "solver.method", str, "solver method (auto, search, milp, ...)"),
+    _Flag("--method", "sparsify.method", str, "qpm, glm-saga5, sldd or qsenn"),
+    _Flag("--solver", "solver.method", str, "solver method (auto, search, milp, ...)"),
     _Flag("--time-limit", "solver.time_limit_s", float, "solver time limit in seconds"),
     _Flag("--seed", "seed", int, "seed of data order, initialisation, solver and metrics"),
     _Flag("--device", "device", str, "auto, cpu, cuda or cuda:N"),
 )
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, positional_run_dir: bool) -> None:
+# `openqpm solve` is about the solver: there --method is the solver's method.
+_SOLVE_FLAGS: tuple[_Flag, ...] = tuple(
+    _Flag("--method", "solver.method", str, "solver method (auto, search, milp, ...)")
+    if flag.flag == "--method"
+    else flag
+    for flag in _FLAGS
+    if flag.flag != "--solver"
+)
+
+
+def _add_run_options(
+    parser: argparse.ArgumentParser, *, positional_run_dir: bool, flags: Sequence[_Flag] = _FLAGS
+) -> None:
+    parser.set_defaults(flags=tuple(flags))
     group = parser.add_argument_group("run settings (each also a --set key)")
     if positional_run_dir:
         group.add_argument("run_dir_positional", type=Path, nargs="?", metavar="RUN_DIR")
@@ -193,7 +207,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, positional_run_dir: boo
         "--config", help="a shipped configuration's name (`openqpm configs`) or a YAML path"
     )
     group.add_argument("--run-dir", type=Path, help="run directory")
-    for flag in _FLAGS:
+    for flag in flags:
         metavar = "N" if flag.type is int else "X" if flag.type is float else "VALUE"
         group.add_argument(
             flag.flag,
@@ -236,9 +250,19 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         # A command on an existing run continues with that run's configuration.
         base = load_config(run_dir / "config.yaml")
     config = load_config(args.config, base=base)
-    typed = {f.field: getattr(args, f.dest) for f in _FLAGS if getattr(args, f.dest) is not None}
+    typed = {f.field: getattr(args, f.dest) for f in args.flags if getattr(args, f.dest) is not None}
     config = apply_overrides(config, typed)
     return apply_overrides(config, args.overrides)
+
+
+def _listed(text: str | None, flag: str, convert: Callable[[str], Any]) -> list[Any]:
+    """The values of a comma-separated flag (``--seeds 0,1,2``); [None] when not given."""
+    if text is None:
+        return [None]
+    try:
+        return [convert(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise _CliError(f"{flag} {text!r}: expected comma-separated values, e.g. 0,1,2") from None
 
 
 def _set_threads(requested: int | None) -> None:
@@ -279,42 +303,57 @@ def _init_distributed(device: Any) -> None:
     dist.init_process_group(backend=backend)
 
 
-def _run(config: RunConfig, run_dir: Path, stages: Sequence[str], *, resume: bool) -> int:
+def _run(config: RunConfig, run_dir: Path, stages: Sequence[str] | None, *, resume: bool) -> int:
     from openqpm.api import run
 
     started = time.perf_counter()
     result = run(config, run_dir, stages=stages, resume=resume, reporter=_ConsoleReporter())
     if _is_rank_zero():
-        _print_summary(run_dir, result.summaries, time.perf_counter() - started)
+        _print_summary(result, time.perf_counter() - started)
     return 0
 
 
-def _run_stages(args: argparse.Namespace, stages: Sequence[str]) -> int:
-    run_dir = _run_dir(args)
-    config = _resolve_config(args, run_dir)
+def _run_stages(args: argparse.Namespace, stages: Sequence[str] | None) -> int:
+    """Run ``stages`` (None: the method's full chain) for every requested seed and method.
+
+    ``--method qpm,sldd`` runs each method on the same run directory (they share its dense
+    model); ``--seeds 0,1,2`` runs each seed in ``RUN_DIR/seed<N>``, sharing nothing.
+    """
     from openqpm.api import resolve_device
+    from openqpm.config import apply_overrides
 
-    _init_distributed(resolve_device(config.device))
-    return _run(config, run_dir, stages, resume=args.resume)
+    run_dir = _run_dir(args)
+    seeds = _listed(getattr(args, "seeds", None), "--seeds", int)
+    methods = _listed(getattr(args, "field:sparsify.method", None), "--method", str)
+    if len(methods) > 1:
+        setattr(args, "field:sparsify.method", None)
+    for seed in seeds:
+        seed_dir = run_dir if seed is None else run_dir / f"seed{seed}"
+        for method in methods:
+            config = _resolve_config(args, seed_dir)
+            changes = {"seed": seed, "sparsify.method": method}
+            config = apply_overrides(config, {k: v for k, v in changes.items() if v is not None})
+            _init_distributed(resolve_device(config.device))
+            _run(config, seed_dir, stages, resume=args.resume)
+    return 0
 
 
-def _print_summary(run_dir: Path, summaries: dict[str, Any], elapsed_s: float) -> None:
-    print(f"\nRun directory: {run_dir}")
-    for stage, summary in summaries.items():
+def _print_summary(result: RunResult, elapsed_s: float) -> None:
+    print(f"\nRun directory: {result.run_dir}")
+    for stage, summary in result.summaries.items():
         shown = ", ".join(f"{k}={_short(v)}" for k, v in summary.items())
         print(f"  {stage:<10} {shown}")
-    metrics_path = run_dir / "metrics.json"
-    if "evaluate" in summaries and metrics_path.is_file():
+    metrics = result.metrics
+    if "evaluate" in result.summaries and metrics is not None:
         from openqpm.metrics import format_metrics_table
 
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         print()
-        print(format_metrics_table(metrics.get("dense"), metrics.get("qpm")))
+        print(format_metrics_table(metrics.get("dense"), metrics.get(result.method)))
         baseline = metrics.get("baseline_top_weights")
         if baseline:
             print(f"\nBaseline ({baseline['description']}): {baseline['accuracy']:.2f}% accuracy")
-    report = run_dir / "report" / "index.html"
-    if "report" in summaries and report.is_file():
+    report = result.paths("report")[0]
+    if "report" in result.summaries and report.is_file():
         print(f"\nReport: {report.resolve()}")
     print(f"Total time: {_duration(elapsed_s)}")
 
@@ -323,7 +362,7 @@ def _print_summary(run_dir: Path, summaries: dict[str, Any], elapsed_s: float) -
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _run_stages(args, stage_names())
+    return _run_stages(args, None)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -335,7 +374,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         return _run_stages(args, ("problem", "assignment"))
     from openqpm.solver import AssignmentProblem, solve
 
-    unused = [f.flag for f in _FLAGS if f.flag not in _SOLVE_FLAGS and getattr(args, f.dest)]
+    given = [f.flag for f in _SOLVE_FLAGS if getattr(args, f.dest) is not None]
+    unused = [flag for flag in given if flag not in _SOLVE_FILE_FLAGS]
     if unused or args.overrides or args.config or args.run_dir:
         shown = ", ".join(unused + (["--set"] if args.overrides else []))
         raise _CliError(
@@ -370,7 +410,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
-_SOLVE_FLAGS = ("--method", "--time-limit", "--seed")
+_SOLVE_FILE_FLAGS = ("--method", "--time-limit", "--seed")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -396,7 +436,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from openqpm.api import run
 
     result = run(config, run_dir, resume=True, reporter=_ConsoleReporter())
-    _print_summary(run_dir, result.summaries, time.perf_counter() - started)
+    _print_summary(result, time.perf_counter() - started)
     print(
         "\nNext: open the report in a browser, or train on your own data with\n"
         "  openqpm train --config cub_resnet50 --data-root PATH --run-dir runs/cub"
@@ -480,8 +520,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=_cmd_demo)
 
-    train = commands.add_parser("train", help="run every stage: " + ", ".join(stage_names()))
+    train = commands.add_parser("train", help="run every stage of a method: dense, ..., report")
     _add_run_options(train, positional_run_dir=False)
+    train.add_argument(
+        "--seeds", help="several seeds, each in RUN_DIR/seed<N> (e.g. 0,1,2); --method may list"
+    )
     train.set_defaults(handler=_cmd_train)
 
     for stage in STAGES:
@@ -496,7 +539,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument("problem", type=Path, nargs="?", help="problem.npz (A, R, b, sizes)")
     solve.add_argument("--out", type=Path, help="assignment.json to write")
-    _add_run_options(solve, positional_run_dir=False)
+    _add_run_options(solve, positional_run_dir=False, flags=_SOLVE_FLAGS)
     solve.set_defaults(handler=_cmd_solve)
 
     configs = commands.add_parser("configs", help="list the shipped configurations")

@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "SolverConfig",
+    "SparsifyConfig",
     "apply_overrides",
     "config_description",
     "config_from_dict",
@@ -120,6 +121,24 @@ class SolverConfig:
 
 
 @dataclass(frozen=True)
+class SparsifyConfig:
+    """How the dense model becomes a compact one: QPM or a baseline of the paper (Tables 2, 3).
+
+    The baselines' values are the authors' code's (reference spec section 9).
+    """
+
+    method: str = "qpm"  # qpm | glm-saga5 | sldd | qsenn (openqpm.stages.METHODS)
+    max_images: int = 100_000  # training images the glm fits read (a seeded sample beyond)
+    selection_alpha: float = 0.8  # elastic-net mixing of the group-sparse feature selection
+    fit_alpha: float = 0.99  # elastic-net mixing of the sparse layer's path
+    n_lambdas: int = 100  # lambdas of each path, log-spaced from lambda_max down
+    lambda_min_ratio: float = 1e-3  # the path's last lambda / lambda_max
+    qsenn_rounds: int = 4  # Q-SENN: rounds of fit, quantise, fine-tune
+    qsenn_round_epochs: int = 10  # epochs of every round but the last (that one: finetune.epochs)
+    qsenn_lr_decay: float = 0.9  # round k fine-tunes at finetune.lr_backbone * decay**k
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; the resolved copy is saved as ``config.yaml``."""
 
@@ -128,6 +147,7 @@ class RunConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     seed: int = 0  # seeds data order, initialisation, the solver and the metrics
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision (CUDA only)
@@ -272,6 +292,14 @@ def validate_config(config: RunConfig) -> None:
         ),
         (config.solver.time_limit_s > 0, "solver.time_limit_s must be positive"),
         (config.solver.bias_strength >= 0, "solver.bias_strength must be >= 0"),
+        (config.sparsify.max_images >= 2, "sparsify.max_images must be at least 2"),
+        (0 < config.sparsify.selection_alpha <= 1, "sparsify.selection_alpha must be in (0, 1]"),
+        (0 < config.sparsify.fit_alpha <= 1, "sparsify.fit_alpha must be in (0, 1]"),
+        (config.sparsify.n_lambdas >= 2, "sparsify.n_lambdas must be at least 2"),
+        (0 < config.sparsify.lambda_min_ratio < 1, "sparsify.lambda_min_ratio must be in (0, 1)"),
+        (config.sparsify.qsenn_rounds >= 1, "sparsify.qsenn_rounds must be at least 1"),
+        (config.sparsify.qsenn_round_epochs >= 0, "sparsify.qsenn_round_epochs must be >= 0"),
+        (0 < config.sparsify.qsenn_lr_decay <= 1, "sparsify.qsenn_lr_decay must be in (0, 1]"),
     ]
     for step_name in ("dense", "finetune"):
         step = getattr(config, step_name)

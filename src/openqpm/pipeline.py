@@ -19,15 +19,19 @@ from openqpm import distributed
 from openqpm._io import atomic_write_text, is_main_process, to_jsonable
 from openqpm.config import RunConfig, field_value, resolved_reduced_strides, save_config
 from openqpm.stages import (
+    METHODS,
     STAGES,
     PipelineError,
     Reporter,
     StageContext,
     downstream_of,
     get_stage,
+    needs_of,
+    outputs_of,
     run_stage,
     stage_hash,
-    stage_names,
+    stage_key,
+    stages_for,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,10 +65,10 @@ def read_stage_state(run_dir: str | Path) -> dict[str, Any]:
 def stage_is_current(config: RunConfig, run_dir: str | Path, stage: str) -> bool:
     """True when ``stage`` finished with the same configuration hash and its files still exist."""
     run_dir = Path(run_dir)
-    entry = read_stage_state(run_dir).get(stage)
+    entry = read_stage_state(run_dir).get(stage_key(stage, config))
     if not isinstance(entry, dict) or entry.get("hash") != stage_hash(config, stage):
         return False
-    return all((run_dir / name).exists() for name in get_stage(stage).writes)
+    return all((run_dir / name).exists() for name in outputs_of(stage, config))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -78,6 +82,7 @@ def _choice_lists() -> list[tuple[str, Sequence[str]]]:
     from openqpm.solver import solver_methods
 
     return [
+        ("sparsify.method", METHODS),
         ("data.dataset", dataset_names()),
         ("data.augment", AUGMENTATIONS),
         ("solver.method", solver_methods()),
@@ -163,7 +168,7 @@ def check_inputs(config: RunConfig, *, images: bool = True) -> None:
 
 def _check_upstream(config: RunConfig, run_dir: Path, name: str, requested: Sequence[str]) -> None:
     """A stage whose inputs are neither current nor about to be made cannot run: say which."""
-    for upstream in get_stage(name).needs:
+    for upstream in needs_of(name, config):
         if upstream not in requested and not stage_is_current(config, run_dir, upstream):
             raise PipelineError(
                 f"stage {name} needs stage {upstream}, which is missing or was made with "
@@ -174,13 +179,13 @@ def _check_upstream(config: RunConfig, run_dir: Path, name: str, requested: Sequ
 def _record(config: RunConfig, run_dir: Path, name: str, summary: dict[str, Any]) -> None:
     """Record a finished stage and forget everything that was made from its old result."""
     state = read_stage_state(run_dir)
-    state[name] = {
+    state[stage_key(name, config)] = {
         "hash": stage_hash(config, name),
         "summary": to_jsonable(summary),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    for later in downstream_of(name):
-        state.pop(later, None)
+    for later in downstream_of(name, config):
+        state.pop(stage_key(later, config), None)
     atomic_write_text(run_dir / "stages.json", json.dumps(state, indent=2, sort_keys=True))
 
 
@@ -199,8 +204,9 @@ def run_pipeline(
         config: the resolved run configuration (saved as ``config.yaml``).
         run_dir: the run directory; created if missing.
         device: where models run (the CLI and :func:`openqpm.api.resolve_device` pick it).
-        stages: names from :func:`openqpm.stages.stage_names` (default: all); the stages they
-            need must be current in ``run_dir`` or requested too.
+        stages: names from :func:`openqpm.stages.stage_names` (default: every stage of the
+            configuration's method, :func:`openqpm.stages.stages_for`); the stages they need
+            must be current in ``run_dir`` or requested too.
         resume: continue interrupted training from its last checkpoint.
         reporter: receives progress; default logs only.
 
@@ -210,13 +216,14 @@ def run_pipeline(
     Raises:
         PipelineError: an input is missing or invalid; the message names it.
     """
-    requested = [get_stage(name).name for name in (stages or stage_names())]
+    check_choices(config)
+    requested = [get_stage(name).name for name in (stages or stages_for(config))]
     run_dir = Path(run_dir)
     pending = [s.name for s in STAGES if s.name in requested]
     stale: set[str] = set()
     for name in pending:
         if name in stale or not stage_is_current(config, run_dir, name):
-            stale.update((name, *downstream_of(name)))
+            stale.update((name, *downstream_of(name, config)))
     check_inputs(config, images=any(get_stage(name).reads_images for name in stale & set(pending)))
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
@@ -226,14 +233,14 @@ def run_pipeline(
     recomputing: set[str] = set()
     for name in pending:
         if name not in recomputing and stage_is_current(config, run_dir, name):
-            summaries[name] = read_stage_state(run_dir)[name].get("summary", {})
+            summaries[name] = read_stage_state(run_dir)[stage_key(name, config)].get("summary", {})
             ctx.reporter.stage_skipped(name, "up to date (same configuration hash)")
             continue
         _check_upstream(config, run_dir, name, pending)
-        summaries[name] = run_stage(ctx, get_stage(name))
+        summaries[name] = run_stage(ctx, name)
         if is_main_process():
             _record(config, run_dir, name, summaries[name])
         distributed.barrier()
         ctx.reporter.stage_finished(name, summaries[name])
-        recomputing.update(downstream_of(name))
+        recomputing.update(downstream_of(name, config))
     return summaries

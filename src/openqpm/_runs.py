@@ -1,0 +1,543 @@
+"""The stages' functions and what they share: the context, progress reporting, data and models.
+
+The table that says what each stage reads, writes and depends on is :mod:`openqpm.stages`; this
+module holds the code each entry runs. A stage function takes a :class:`StageContext` and returns
+its summary (recorded in ``stages.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from openqpm._io import atomic_write_text, is_main_process, to_jsonable
+from openqpm.config import (
+    DenseConfig,
+    FinetuneConfig,
+    RunConfig,
+    resolved_reduced_strides,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only (these import torch)
+    import torch
+
+    from openqpm.data._base import ImageDataset
+    from openqpm.features import FeaturePassProgress
+    from openqpm.models.model import QPMModel
+    from openqpm.solver.problem import SolverProgress
+    from openqpm.training import TrainingProgress
+
+__all__ = ["PipelineError", "Reporter", "StageContext"]
+
+_logger = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run: its input is missing or invalid. The message says which and why."""
+
+
+class Reporter:
+    """What a pipeline run tells its caller; subclass it and override what you want to see.
+
+    The default methods log at INFO level and ignore fine-grained progress.
+    """
+
+    def stage_started(self, stage: str, description: str) -> None:
+        """A stage begins (``description`` is its entry's text)."""
+        _logger.info("stage %s: %s", stage, description)
+
+    def stage_skipped(self, stage: str, reason: str) -> None:
+        """A stage is reused: its recorded hash matches and its files exist."""
+        _logger.info("stage %s skipped: %s", stage, reason)
+
+    def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
+        """A stage ended; ``summary`` is what ``stages.json`` records for it."""
+        _logger.info("stage %s finished: %s", stage, summary)
+
+    def training_progress(self, stage: str, event: TrainingProgress) -> None:
+        """After every optimisation step of ``dense`` or ``finetune`` (rank 0 only)."""
+
+    def solver_progress(self, event: SolverProgress) -> None:
+        """Whenever the solver's incumbent or bound improves, and at phase changes."""
+
+    def pass_progress(self, stage: str, done: int, total: int) -> None:
+        """After every batch of a pass over the images (``features``)."""
+
+
+@dataclass
+class StageContext:
+    """What the stages of one pipeline call share; data sets are built once, on first use."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    reporter: Reporter
+    resume: bool
+    cache: dict[str, Any] = field(default_factory=dict)
+    stage: str = ""  # the stage running now (set by the pipeline) ...
+    digest: str = ""  # ... its configuration hash ...
+    outputs: tuple[str, ...] = ()  # ... the paths it writes, for this run's method ...
+    # ... and the paths of what it reads, by the name its entry's `needs` gives (e.g. "model")
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        """A path inside the run directory."""
+        return self.run_dir / name
+
+    @property
+    def method(self) -> str:
+        """The sparsification method of this run (``sparsify.method``)."""
+        return self.config.sparsify.method
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _datasets(ctx: StageContext) -> dict[str, ImageDataset]:
+    """The train split with train and test transforms, and the test split with test transforms."""
+    if "datasets" in ctx.cache:
+        return dict(ctx.cache["datasets"])
+    from openqpm.data import build_transforms, create_dataset, resize_squashes
+
+    data = ctx.config.data
+    if not data.root:
+        raise PipelineError("data.root is empty: pass --data-root PATH (the data set folder)")
+    train = create_dataset(data.dataset, data.root, "train", crop=data.crop)
+    train_eval = create_dataset(data.dataset, data.root, "train", crop=data.crop)
+    test = create_dataset(data.dataset, data.root, "test", crop=data.crop)
+    if train.n_classes != test.n_classes:
+        raise PipelineError(
+            f"{data.root}: the train split has {train.n_classes} classes, "
+            f"the test split {test.n_classes}"
+        )
+    mean, std = train.mean_std
+    squash = resize_squashes(data.dataset, bool(getattr(train, "crop", data.crop)))
+    size = data.image_size_px
+    train.transform = build_transforms(
+        train=True, image_size_px=size, mean=mean, std=std, squash=squash, augment=data.augment
+    )
+    test_transform = build_transforms(
+        train=False, image_size_px=size, mean=mean, std=std, squash=squash
+    )
+    train_eval.transform = test_transform
+    test.transform = test_transform
+    ctx.cache["datasets"] = {"train": train, "train_eval": train_eval, "test": test}
+    return dict(ctx.cache["datasets"])
+
+
+def _loader(ctx: StageContext, split: str, *, train: bool, distributed: bool | None = None) -> Any:
+    from openqpm.training import make_loader
+
+    return make_loader(
+        _datasets(ctx)[split],
+        batch_size=ctx.config.data.batch_size,
+        train=train,
+        seed=ctx.config.seed,
+        num_workers=ctx.config.data.num_workers,
+        distributed=distributed,
+    )
+
+
+def _load_model(ctx: StageContext, name: str) -> QPMModel:
+    from openqpm.models import load
+
+    path = ctx.path(name)
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: run the stage that writes it first")
+    return load(path).to(ctx.device)
+
+
+def _barrier() -> None:
+    from openqpm import distributed
+
+    distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+def _diversity_beta(config: RunConfig) -> float:
+    from openqpm.losses import resolve_diversity_beta
+
+    return resolve_diversity_beta(
+        config.model.arch,
+        override=config.model.diversity_beta,
+        reduced_strides=resolved_reduced_strides(config.model),
+        image_size_px=config.data.image_size_px,
+    )
+
+
+def _schedule(ctx: StageContext, values: DenseConfig | FinetuneConfig, **changes: Any) -> Any:
+    from openqpm.training import TrainingSchedule
+
+    fields = {
+        "epochs": values.epochs,
+        "lr_backbone": values.lr_backbone,
+        "lr_head": values.lr_head,
+        "momentum": values.momentum,
+        "weight_decay": values.weight_decay,
+        "step_size_epochs": values.step_size_epochs,
+        "gamma": values.gamma,
+        "diversity_beta": _diversity_beta(ctx.config),
+        "amp": ctx.config.amp,
+        "seed": ctx.config.seed,
+    }
+    return TrainingSchedule(**{**fields, **changes})
+
+
+def _train(ctx: StageContext, model: QPMModel, schedule: Any, *, part: str = "") -> None:
+    """Train ``model`` in place (resumable: the checkpoint is keyed by the stage hash)."""
+    from openqpm.training import train_model
+
+    if schedule.epochs == 0:
+        return
+    name = f"{ctx.stage}{part}-{ctx.digest}.safetensors"
+    train_model(
+        model,
+        _loader(ctx, "train", train=True),
+        schedule,
+        device=ctx.device,
+        checkpoint_path=ctx.path("checkpoints") / name,
+        resume=ctx.resume,
+        progress=lambda event: ctx.reporter.training_progress(ctx.stage, event),
+    )
+
+
+def _save_model(ctx: StageContext, model: QPMModel) -> dict[str, Any]:
+    """Save the stage's model as its first output and report its test accuracy."""
+    from openqpm.training import evaluate_accuracy
+
+    accuracy = evaluate_accuracy(model, _loader(ctx, "test", train=False), device=ctx.device)
+    if is_main_process():
+        model.save(ctx.path(ctx.outputs[0]), extra_metadata={"config_hash": ctx.digest})
+    _barrier()
+    return {"test_accuracy_percent": round(100.0 * accuracy, 2)}
+
+
+def stage_dense(ctx: StageContext) -> dict[str, Any]:
+    """Train the dense model (or take the pretrained one as it is with ``dense.skip``)."""
+    from openqpm.models.build import dense_model_for
+
+    config = ctx.config
+    model = dense_model_for(config.model, config.data, _datasets(ctx)["train"]).to(ctx.device)
+    if not config.dense.skip:
+        _train(ctx, model, _schedule(ctx, config.dense))
+    return _save_model(ctx, model)
+
+
+def stage_finetune(ctx: StageContext) -> dict[str, Any]:
+    """Fine-tune the dense backbone under the solver's binary assignment."""
+    from openqpm.features import load_feature_pass
+    from openqpm.models import qpm_from_dense
+    from openqpm.solver.problem import Assignment
+
+    stats = load_feature_pass(ctx.path("features")).feature_stats
+    model = qpm_from_dense(
+        _load_model(ctx, "dense.safetensors"),
+        Assignment.load(ctx.path("assignment.json")),
+        np.asarray(stats.mean, dtype=np.float64),
+        np.asarray(stats.std, dtype=np.float64),
+        dropout=ctx.config.model.qpm_dropout,
+    ).to(ctx.device)
+    _train(ctx, model, _schedule(ctx, ctx.config.finetune))
+    return _save_model(ctx, model)
+
+
+# ----------------------------------------------------------------------------- features, solver
+
+
+def stage_features(ctx: StageContext) -> dict[str, Any]:
+    from openqpm.features import extract_features, save_feature_pass
+
+    def progress(event: FeaturePassProgress) -> None:
+        ctx.reporter.pass_progress("features", int(event.step), int(event.n_steps))
+
+    result = extract_features(
+        _load_model(ctx, "dense.safetensors"),
+        _loader(ctx, "train_eval", train=False),
+        device=ctx.device,
+        keep_pooled=False,
+        progress=progress,
+    )
+    if is_main_process():
+        save_feature_pass(ctx.path("features"), result)
+    _barrier()
+    dead = int(np.sum(np.asarray(result.feature_stats.std) <= 0))
+    return {"n_images": int(result.feature_stats.count), "n_constant_features": dead}
+
+
+def stage_problem(ctx: StageContext) -> dict[str, Any]:
+    from openqpm.constants import build_problem
+    from openqpm.features import load_feature_pass
+
+    solver = ctx.config.solver
+    feature_pass = load_feature_pass(ctx.path("features"))
+    problem, report = build_problem(
+        feature_pass.feature_stats,
+        feature_pass.map_stats,
+        n_features=solver.n_features,
+        n_per_class=solver.n_per_class,
+        bias=solver.bias,
+        bias_strength=solver.bias_strength,
+        r_scaling=solver.r_scaling,
+    )
+    if is_main_process():
+        problem.save(ctx.path("problem.npz"))
+        text = json.dumps(to_jsonable(report), indent=2, sort_keys=True)
+        atomic_write_text(ctx.path("problem_report.json"), text)
+    _barrier()
+    return {"eps": to_jsonable(report.eps), "n_dead_features": len(report.dead_features)}
+
+
+def stage_assignment(ctx: StageContext) -> dict[str, Any]:
+    from openqpm.solver import AssignmentProblem, solve
+    from openqpm.solver.problem import Assignment
+
+    config = ctx.config
+    if is_main_process():
+        assignment = solve(
+            AssignmentProblem.load(ctx.path("problem.npz")),
+            method=config.solver.method,
+            time_limit_s=config.solver.time_limit_s,
+            seed=config.seed,
+            progress=ctx.reporter.solver_progress,
+        )
+        assignment.save(ctx.path("assignment.json"))
+    _barrier()
+    assignment = Assignment.load(ctx.path("assignment.json"))
+    return {
+        "objective": assignment.objective,
+        "bound": assignment.bound,
+        "gap": assignment.gap,
+        "method": assignment.method,
+        "time_s": round(float(assignment.time_s), 2),
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation, report
+
+
+def _evaluate(ctx: StageContext, model_file: str) -> dict[str, Any]:
+    from openqpm.metrics import evaluate_model
+
+    datasets = _datasets(ctx)
+    started = time.perf_counter()
+    results = evaluate_model(
+        _load_model(ctx, model_file),
+        _loader(ctx, "test", train=False, distributed=False),
+        _loader(ctx, "train_eval", train=False, distributed=False),
+        device=ctx.device,
+        class_attributes=datasets["test"].class_attributes,
+        image_attributes=datasets["train_eval"].image_attributes,
+        part_locations=datasets["test"].part_locations,
+        seed=ctx.config.seed,
+    )
+    results["evaluation_time_s"] = round(time.perf_counter() - started, 2)
+    return results
+
+
+def _top_weights_baseline(ctx: StageContext) -> dict[str, Any]:
+    from openqpm.metrics import top_weight_baseline_accuracy
+
+    n_features, n_per_class = ctx.config.solver.n_features, ctx.config.solver.n_per_class
+    accuracy = top_weight_baseline_accuracy(
+        _load_model(ctx, "dense.safetensors"),
+        _loader(ctx, "test", train=False, distributed=False),
+        n_features=n_features,
+        n_per_class=n_per_class,
+        device=ctx.device,
+    )
+    return {
+        "accuracy": round(100.0 * accuracy, 2),
+        "description": (
+            f"dense model, each class keeps its {n_per_class} largest weights on the "
+            f"{n_features} features with the largest total |weight|, no fine-tuning"
+        ),
+    }
+
+
+def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
+    """Every metric of the dense model and of this run's method's model, on the test split."""
+    if is_main_process():
+        # Metrics need every image in order: rank 0 evaluates alone, the others wait.
+        results = {
+            "dense": _evaluate(ctx, "dense.safetensors"),
+            ctx.method: _evaluate(ctx, ctx.inputs["model"][0]),
+            "baseline_top_weights": _top_weights_baseline(ctx),
+        }
+        text = json.dumps(to_jsonable(results), indent=2, sort_keys=True)
+        atomic_write_text(ctx.path(ctx.outputs[0]), text)
+    _barrier()
+    results = json.loads(ctx.path(ctx.outputs[0]).read_text(encoding="utf-8"))
+    return {
+        "dense_accuracy": results["dense"].get("accuracy"),
+        f"{ctx.method}_accuracy": results[ctx.method].get("accuracy"),
+        "baseline_accuracy": results["baseline_top_weights"]["accuracy"],
+    }
+
+
+def stage_report(ctx: StageContext) -> dict[str, Any]:
+    """The HTML report of this run's method's model."""
+    from openqpm.explain.report import write_report
+
+    metrics = json.loads(ctx.path(ctx.inputs["evaluate"][0]).read_text(encoding="utf-8"))
+    index = ctx.path(ctx.outputs[0])
+    if is_main_process():
+        write_report(
+            index.parent,
+            model=_load_model(ctx, ctx.inputs["model"][0]),
+            dataset=_datasets(ctx)["test"],
+            metrics=metrics.get(ctx.method),
+            dense_metrics=metrics.get("dense"),
+            device=ctx.device,
+            max_classes=ctx.config.report_max_classes,
+        )
+        _logger.info("report written to %s", index)
+    _barrier()
+    return {"index": str(index)}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def _pooled_train_features(ctx: StageContext, model: QPMModel) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of the training images (test transform), a seeded sample beyond the cap."""
+    from torch.utils.data import Subset
+
+    from openqpm.features import extract_features
+    from openqpm.training import make_loader
+
+    dataset: Any = _datasets(ctx)["train_eval"]
+    limit = ctx.config.sparsify.max_images
+    if len(dataset) > limit:
+        rng = np.random.default_rng(ctx.config.seed)
+        dataset = Subset(dataset, np.sort(rng.choice(len(dataset), limit, replace=False)).tolist())
+    loader = make_loader(
+        dataset,
+        batch_size=ctx.config.data.batch_size,
+        train=False,
+        seed=ctx.config.seed,
+        num_workers=ctx.config.data.num_workers,
+    )
+    result = extract_features(model, loader, device=ctx.device, keep_pooled=True)
+    assert result.pooled is not None and result.labels is not None
+    return result.pooled, result.labels
+
+
+def _sparse_model(ctx: StageContext, dense: QPMModel, layer: Any, *, train: str) -> QPMModel:
+    """The dense backbone under a fitted sparse layer; ``train`` names what fine-tuning moves."""
+    from openqpm.models import sparse_from_dense
+
+    return sparse_from_dense(
+        dense,
+        layer.selected,
+        layer.mean,
+        layer.std,
+        layer.weight,
+        layer.bias,
+        dropout=ctx.config.model.qpm_dropout,
+        train_normalisation="normalisation" in train,
+        train_weights="weights" in train,
+        train_bias="bias" in train,
+    ).to(ctx.device)
+
+
+def _layer_summary(layer: Any) -> dict[str, Any]:
+    nonzero = np.abs(layer.weight) > 0
+    return {
+        "n_features_used": int(np.sum(nonzero.any(axis=0))),
+        "n_nonzero": int(np.sum(nonzero)),
+        "lambda": layer.lam,
+    }
+
+
+def stage_glm_saga5(ctx: StageContext) -> dict[str, Any]:
+    """glm-saga5: a sparse layer on all features of the dense model; no fine-tuning."""
+    from openqpm.sparsify.baselines import fit_sparse_layer
+
+    dense = _load_model(ctx, "dense.safetensors")
+    pooled, labels = _pooled_train_features(ctx, dense)
+    layer = fit_sparse_layer(
+        "glm-saga5",
+        pooled,
+        labels,
+        selected=None,
+        n_classes=dense.n_classes,
+        n_per_class=ctx.config.solver.n_per_class,
+        config=ctx.config.sparsify,
+    )
+    model = _sparse_model(ctx, dense, layer, train="")
+    return {**_layer_summary(layer), **_save_model(ctx, model)}
+
+
+def stage_sldd(ctx: StageContext) -> dict[str, Any]:
+    """SLDD-Model: select, fit the sparse layer, fine-tune with its sparsity pattern fixed."""
+    from openqpm.sparsify.baselines import fit_sparse_layer, select_columns
+
+    config = ctx.config
+    dense = _load_model(ctx, "dense.safetensors")
+    pooled, labels = _pooled_train_features(ctx, dense)
+    selected = select_columns(
+        pooled,
+        labels,
+        n_classes=dense.n_classes,
+        n_features=config.solver.n_features,
+        config=config.sparsify,
+    )
+    layer = fit_sparse_layer(
+        "sldd",
+        pooled,
+        labels,
+        selected=selected,
+        n_classes=dense.n_classes,
+        n_per_class=config.solver.n_per_class,
+        config=config.sparsify,
+    )
+    model = _sparse_model(ctx, dense, layer, train="normalisation weights bias")
+    _train(ctx, model, _schedule(ctx, config.finetune))
+    return {**_layer_summary(layer), **_save_model(ctx, model)}
+
+
+def stage_qsenn(ctx: StageContext) -> dict[str, Any]:
+    """Q-SENN: rounds of fit, ternary quantisation and fine-tuning on re-extracted features."""
+    from openqpm.sparsify.baselines import fit_sparse_layer, select_columns
+
+    config, sparsify = ctx.config, ctx.config.sparsify
+    model = _load_model(ctx, "dense.safetensors")
+    pooled, labels = _pooled_train_features(ctx, model)
+    selected = select_columns(
+        pooled,
+        labels,
+        n_classes=model.n_classes,
+        n_features=config.solver.n_features,
+        config=sparsify,
+    )
+    for round_index in range(sparsify.qsenn_rounds):
+        if round_index > 0:
+            pooled, labels = _pooled_train_features(ctx, model)
+        layer = fit_sparse_layer(
+            "qsenn",
+            pooled,
+            labels,
+            selected=selected,
+            n_classes=model.n_classes,
+            n_per_class=config.solver.n_per_class,
+            config=sparsify,
+        )
+        # the quantised layer is frozen; the normalisation is re-estimated and trained each round
+        model = _sparse_model(ctx, model, layer, train="normalisation")
+        last = round_index == sparsify.qsenn_rounds - 1
+        schedule = _schedule(
+            ctx,
+            config.finetune,
+            epochs=config.finetune.epochs if last else sparsify.qsenn_round_epochs,
+            lr_backbone=config.finetune.lr_backbone * sparsify.qsenn_lr_decay**round_index,
+        )
+        _train(ctx, model, schedule, part=f"-round{round_index}")
+    return {**_layer_summary(layer), **_save_model(ctx, model)}
