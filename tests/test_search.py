@@ -19,6 +19,8 @@ from openqpm.solver.problem import (
     validate_assignment,
 )
 from openqpm.solver.search import (
+    _best_single_swaps,
+    _CandidateLists,
     _distinct_subsets,
     _duals_certify,
     _hungarian_max,
@@ -110,6 +112,64 @@ def test_distinct_assignment_is_optimal_for_a_fixed_selection(kind: str) -> None
         assert total == pytest.approx(every[rows, columns].sum(), abs=1e-9)
         best_each = np.sort(values, axis=1)[:, ::-1][:, :k].sum()
         assert loss == pytest.approx(best_each - total, abs=1e-9)
+
+
+def test_best_single_swaps_are_ranked_and_bound_every_other_swap() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n_selected = int(rng.integers(2, 8))
+        k = int(rng.integers(1, n_selected))
+        rows = -np.sort(-rng.integers(0, 4, size=(3, n_selected)).astype(float), axis=1)
+        n_singles = int(rng.integers(1, 6))
+        swaps, excluded = _best_single_swaps(rows, k, n_singles)
+        n_others = n_selected - k
+        assert swaps.shape == (3, min(n_singles, k * n_others))
+        for row, values in enumerate(rows):
+            best = values[:k].sum()
+            change = [
+                values[list(s)].sum() - best
+                for s in itertools.combinations(range(n_selected), k)
+                if s != tuple(range(k))
+            ]
+            taken = [
+                values[k + inn] - values[out]
+                for out, inn in (divmod(int(flat), n_others) for flat in swaps[row])
+            ]
+            assert taken == sorted(taken, reverse=True)
+            # the taken swaps are the best single swaps; every other subset is bounded
+            singles = sorted(
+                (values[k + j] - values[i] for i in range(k) for j in range(n_others)),
+                reverse=True,
+            )
+            assert taken == singles[: len(taken)]
+            remaining = sorted(change, reverse=True)
+            for value in taken:
+                remaining.remove(value)
+            assert all(value <= excluded[row] + 1e-12 for value in remaining)
+
+
+def test_candidate_list_thresholds_bound_every_unlisted_subset() -> None:
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        n_classes, n_selected = 4, int(rng.integers(3, 8))
+        k = int(rng.integers(1, n_selected))
+        values = rng.integers(0, 3, size=(n_classes, n_selected)).astype(float)
+        selected = rng.choice(40, size=n_selected, replace=False)
+        order = np.argsort(-values, axis=1, kind="stable")
+        top_sets = [tuple(sorted(int(d) for d in selected[row[:k]])) for row in order]
+        lists = _CandidateLists(values, selected, k, order, top_sets)
+        lists.start([0, 1, 2], 2)
+        lists.grow(1)
+        lists.grow(2)
+        lists.grow(2)
+        assert lists.candidates(3) == [top_sets[3]] and not lists.has_list(3)
+        for class_index in range(3):
+            listed = lists.lists[class_index]
+            assert listed[0] == top_sets[class_index] and len(set(listed)) == len(listed)
+            for subset in itertools.combinations(sorted(int(d) for d in selected), k):
+                if subset not in listed:
+                    value = lists.subset_value(class_index, subset)
+                    assert value <= lists.thresholds[class_index] + 1e-12
 
 
 def test_assign_classes_moves_the_class_that_loses_least() -> None:

@@ -29,7 +29,7 @@ import heapq
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -232,17 +232,229 @@ def _linked_classes(candidate_lists: list[list[tuple[int, ...]]]) -> list[list[i
     return list(groups.values())
 
 
+def _best_single_swaps(
+    sorted_rows: np.ndarray, k: int, n_singles: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``n_singles`` best single swaps, and a bound on the change of any other swap.
+
+    A single swap takes member ``out`` (of the ``k`` best) out and non-member ``k + inn`` in. The
+    best swap not taken is a single swap after the ``n_singles`` best or, at best, a double swap
+    (the k-th best out for the best non-member, the (k-1)-th out for the second best non-member),
+    since every further swap only lowers the value.
+
+    Args:
+        sorted_rows: (n, K) each row's values in descending order.
+        k: Subset size, ``k < K``.
+        n_singles: How many single swaps to take per row.
+
+    Returns:
+        ``(swaps, excluded)``: (n, min(n_singles, k * (K - k))) flat swap indices
+        ``out * (K - k) + inn``, best first; (n,) an upper bound on the change of every swap not
+        taken, -inf when there is none.
+    """
+    n_rows, n_selected = sorted_rows.shape
+    members = sorted_rows[:, :k]  # (n, k)
+    others = sorted_rows[:, k:]  # (n, K-k)
+    change = others[:, None, :] - members[:, :, None]  # (n, k, K-k) member i out, other j in
+    flat = change.reshape(n_rows, -1)  # (n, k*(K-k))
+    n_take = min(n_singles, flat.shape[1])
+    if n_take < flat.shape[1]:
+        best = np.argpartition(-flat, n_take, axis=1)[:, : n_take + 1]  # (n, n_take+1)
+        best_change = np.take_along_axis(flat, best, axis=1)
+        best = np.take_along_axis(best, np.argsort(-best_change, axis=1, kind="stable"), 1)
+        excluded = flat[np.arange(n_rows), best[:, n_take]]
+    else:
+        best = np.argsort(-flat, axis=1, kind="stable")
+        excluded = np.full(n_rows, -np.inf)
+    if k >= 2 and n_selected - k >= 2:
+        excluded = np.maximum(excluded, change[:, k - 1, 0] + change[:, k - 2, 1])
+    return best[:, :n_take], excluded
+
+
+class _CandidateLists:
+    """Each colliding class's candidate subsets, with a threshold bounding every unlisted one.
+
+    A class without a list has one candidate, its best subset. A class in a collision gets a
+    candidate list and a threshold: an upper bound on the value of every subset *not* in its list.
+    Lists start cheap (:meth:`start`): the best subset plus its best single swaps (one member out,
+    one non-member in), with threshold max(next single swap, best double swap) since every further
+    swap only lowers the value. Growing (:meth:`grow`) switches to exact best-first enumeration.
+
+    Attributes:
+        values: (n_c, K) the A values of the selected features, column j = ``selected[j]``.
+        selected: (K,) feature ids.
+        k: Features per class.
+        order: (n_c, K) each class's columns, best first.
+        sorted_values: (n_c, K) each class's values in descending order.
+        top_sets: Each class's best subset (sorted feature ids).
+        top_values: (n_c,) each class's best subset's value.
+        column_of_selected: Feature id -> its column in ``values``.
+        lists: Class -> its candidate subsets, best first (only classes that have a list).
+        thresholds: Class -> an upper bound on the value of every subset not in its list.
+        enumerators: Class -> its best-first enumeration, once its list has grown.
+    """
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        selected: np.ndarray,
+        k: int,
+        order: np.ndarray,
+        top_sets: list[tuple[int, ...]],
+    ) -> None:
+        self.values = values
+        self.selected = selected
+        self.k = k
+        self.order = order
+        self.sorted_values = np.take_along_axis(values, order, axis=1)  # (n_c, K) descending
+        self.top_sets = top_sets
+        self.top_values = self.sorted_values[:, :k].sum(axis=1)  # (n_c,)
+        self.column_of_selected = {int(d): j for j, d in enumerate(selected)}
+        self.lists: dict[int, list[tuple[int, ...]]] = {}
+        self.thresholds: dict[int, float] = {}
+        self.enumerators: dict[int, _SubsetEnumerator] = {}
+
+    def subset_value(self, class_index: int, subset: tuple[int, ...]) -> float:
+        """The class's A sum over ``subset``."""
+        return float(self.values[class_index, [self.column_of_selected[d] for d in subset]].sum())
+
+    def weights(self, members: list[int], subsets: list[tuple[int, ...]]) -> np.ndarray:
+        """(members, subsets): each member's A sum over each subset."""
+        positions = np.array([[self.column_of_selected[d] for d in s] for s in subsets])
+        return self.values[np.asarray(members)][:, positions].sum(axis=2)
+
+    def candidates(self, class_index: int) -> list[tuple[int, ...]]:
+        """The class's list, or its best subset alone when it has none."""
+        return self.lists.get(class_index) or [self.top_sets[class_index]]
+
+    def has_list(self, class_index: int) -> bool:
+        """Whether the class has a candidate list."""
+        return class_index in self.lists
+
+    def list_lengths(self, class_indices: list[int]) -> tuple[int, ...]:
+        """The length of each class's list."""
+        return tuple(len(self.lists[c]) for c in class_indices)
+
+    def start(self, class_indices: list[int], n_singles: int) -> None:
+        """For each class: its best subset and its ``n_singles`` best single swaps."""
+        rows = np.asarray(class_indices)
+        swaps, excluded = _best_single_swaps(self.sorted_values[rows], self.k, n_singles)
+        n_others = self.values.shape[1] - self.k
+        ranked_ids = self.selected[self.order[rows]].tolist()  # (n, K) ids best first
+        for row, class_index in enumerate(class_indices):
+            ids = ranked_ids[row]
+            subsets = [self.top_sets[class_index]]
+            for flat_index in swaps[row].tolist():
+                out, inn = divmod(flat_index, n_others)
+                swapped = ids[:out] + ids[out + 1 : self.k] + [ids[self.k + inn]]
+                subsets.append(tuple(sorted(swapped)))
+            self.lists[class_index] = subsets
+            self.thresholds[class_index] = float(self.top_values[class_index] + excluded[row])
+
+    def grow(self, class_index: int) -> None:
+        """Double the class's list with exact best-first enumeration."""
+        enumerator = self.enumerators.get(class_index)
+        if enumerator is None:
+            enumerator = _SubsetEnumerator(self.values[class_index], self.selected, self.k)
+            self.enumerators[class_index] = enumerator
+        length = 2 * len(self.lists[class_index])
+        enumerator.extend_to(length + 1)
+        self.lists[class_index] = enumerator.subsets[:length]
+        # the next subset in line bounds every unlisted one
+        self.thresholds[class_index] = (
+            enumerator.values[length] if len(enumerator.values) > length else -np.inf
+        )
+
+
+@dataclass(frozen=True)
+class _MatchStep:
+    """The outcome of matching one component: its members' subsets (in member order), or else
+    (``subsets`` None) the classes whose lists must grow before the component is matched again."""
+
+    subsets: list[tuple[int, ...]] | None = None
+    grow: list[int] = field(default_factory=list)
+
+
+def _match_component(lists: _CandidateLists, members: list[int], tolerance: float) -> _MatchStep:
+    """Match a component's classes to distinct subsets of the union of their lists, and certify it.
+
+    With the duals (u, v), v >= 0, of :func:`_hungarian_max`, a class's unlisted subsets cannot
+    improve the matching when ``u_c >= threshold_c``; if that holds for every member the matching
+    is optimal over *all* subsets (LP duality; the assignment LP is integral). The classes failing
+    it must grow their lists, as must every growable list when the lists hold too few subsets.
+    """
+    columns = list(dict.fromkeys(s for c in members for s in lists.lists[c]))
+    if len(columns) < len(members):
+        return _MatchStep(grow=[c for c in members if lists.thresholds[c] > -np.inf])
+    # (members, columns): each member's A sum over each candidate subset
+    weights = lists.weights(members, columns)
+    column_of_row, row_duals, column_duals = _hungarian_max(weights)
+    if not _duals_certify(weights, column_of_row, row_duals, column_duals, tolerance):
+        # never seen in tests; round-off on extreme inputs could cause it: keep a valid
+        # (scipy-optimal over these lists) matching rather than fail the whole solve
+        _logger.warning("class matching not certified; using it without a certificate")
+        column_of_row = linear_sum_assignment(-weights)[1]
+        return _MatchStep(subsets=[columns[int(column)] for column in column_of_row])
+    failing = [
+        class_index
+        for row, class_index in enumerate(members)
+        if row_duals[row] < lists.thresholds[class_index] - tolerance
+    ]
+    if failing:
+        return _MatchStep(grow=failing)
+    return _MatchStep(subsets=[columns[int(column)] for column in column_of_row])
+
+
+def _match_classes(lists: _CandidateLists, tolerance: float) -> list[tuple[int, ...]]:
+    """Every class's subset: components of classes sharing candidates are matched and certified
+    (:func:`_match_component`), lists grow where that fails, until every component is certified.
+
+    A class whose best subset another class wants joins that component with a short list of its
+    own. Components already certified are remembered by their members and list lengths.
+    """
+    n_classes = len(lists.values)
+    chosen: dict[int, tuple[int, ...]] = {}
+    # components already matched and certified, keyed by their members and lists
+    solved: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, ...]]] = {}
+    changed = True
+    while changed:
+        changed = False
+        chosen.clear()
+        for members in _linked_classes([lists.candidates(c) for c in range(n_classes)]):
+            if len(members) == 1:
+                chosen[members[0]] = lists.candidates(members[0])[0]
+                continue
+            newcomers = [c for c in members if not lists.has_list(c)]
+            if newcomers:
+                # a class whose best subset another class wants joins the matching
+                lists.start(newcomers, 2)
+                changed = True
+                continue
+            key = (tuple(members), lists.list_lengths(members))
+            if key not in solved:
+                step = _match_component(lists, members, tolerance)
+                if step.subsets is None:
+                    for class_index in step.grow:
+                        lists.grow(class_index)
+                    changed = True
+                    continue
+                solved[key] = step.subsets
+            chosen.update(zip(members, solved[key], strict=True))
+    return [chosen[class_index] for class_index in range(n_classes)]
+
+
 def _distinct_subsets(
     values: np.ndarray, selected: np.ndarray, k: int
 ) -> tuple[list[tuple[int, ...]], float, int]:
     """The optimal distinct ``k``-subsets of ``selected`` for all classes.
 
     Every class starts on its best subset. A class in a collision gets a candidate list and a
-    threshold: an upper bound on the value of every subset *not* in its list. Classes whose lists
-    share a subset form a component, matched by :func:`_hungarian_max` over the union of their
-    lists. With duals (u, v), v >= 0, a class's unlisted subsets cannot improve the matching when
-    ``u_c >= threshold_c``; if that holds for every member the matching is optimal over *all*
-    subsets (LP duality; the assignment LP is integral). A class failing it gets a longer list.
+    threshold: an upper bound on the value of every subset *not* in its list
+    (:class:`_CandidateLists`). Classes whose lists share a subset form a component, matched by
+    :func:`_hungarian_max` over the union of their lists. With duals (u, v), v >= 0, a class's
+    unlisted subsets cannot improve the matching when ``u_c >= threshold_c``; if that holds for
+    every member the matching is optimal over *all* subsets (LP duality; the assignment LP is
+    integral). A class failing it gets a longer list (:func:`_match_classes`).
 
     Lists start cheap: the best subset plus its best single swaps (one member out, one
     non-member in), with threshold max(next single swap, best double swap) since every further
@@ -257,7 +469,7 @@ def _distinct_subsets(
         ``(subsets, loss, n_moved)``: one sorted feature-id tuple per class, the total A value lost
         against every class taking its own best subset, and how many classes did not get theirs.
     """
-    n_classes, n_selected = values.shape
+    n_classes = len(values)
     order = np.argsort(-values, axis=1, kind="stable")  # (n_c, K) best first
     top_ids = np.sort(selected[order[:, :k]], axis=1)  # (n_c, k) each class's best subset
     _, first_of, inverse = np.unique(top_ids, axis=0, return_index=True, return_inverse=True)
@@ -265,134 +477,23 @@ def _distinct_subsets(
     if len(first_of) == n_classes:
         return top_sets, 0.0, 0
 
-    sorted_values = np.take_along_axis(values, order, axis=1)  # (n_c, K) descending
-    top_values = sorted_values[:, :k].sum(axis=1)  # (n_c,)
-    column_of_selected = {int(d): j for j, d in enumerate(selected)}
-    tolerance = 1e-9 * (1.0 + k * float(np.abs(values).max()))
-    lists: dict[int, list[tuple[int, ...]]] = {}
-    thresholds: dict[int, float] = {}
-    enumerators: dict[int, _SubsetEnumerator] = {}
-
-    def subset_value(class_index: int, subset: tuple[int, ...]) -> float:
-        return float(values[class_index, [column_of_selected[d] for d in subset]].sum())
-
-    def candidates(class_index: int) -> list[tuple[int, ...]]:
-        return lists.get(class_index) or [top_sets[class_index]]
-
-    def start_lists(class_indices: list[int], n_singles: int) -> None:
-        """For each class: its best subset and its ``n_singles`` best single swaps."""
-        rows = np.asarray(class_indices)
-        members = sorted_values[rows, :k]  # (n, k)
-        others = sorted_values[rows, k:]  # (n, K-k)
-        change = others[:, None, :] - members[:, :, None]  # (n, k, K-k) member i out, other j in
-        flat = change.reshape(len(rows), -1)  # (n, k*(K-k))
-        n_take = min(n_singles, flat.shape[1])
-        if n_take < flat.shape[1]:
-            best = np.argpartition(-flat, n_take, axis=1)[:, : n_take + 1]  # (n, n_take+1)
-            best_change = np.take_along_axis(flat, best, axis=1)
-            best = np.take_along_axis(best, np.argsort(-best_change, axis=1, kind="stable"), 1)
-        else:
-            best = np.argsort(-flat, axis=1, kind="stable")
-        # the best subset outside a list is a single swap not taken, or at best a double swap
-        if n_take < flat.shape[1]:
-            excluded = flat[np.arange(len(rows)), best[:, n_take]]
-        else:
-            excluded = np.full(len(rows), -np.inf)
-        if k >= 2 and n_selected - k >= 2:
-            excluded = np.maximum(excluded, change[:, k - 1, 0] + change[:, k - 2, 1])
-        ranked_ids = selected[order[rows]].tolist()  # (n, K) ids best first
-        for row, class_index in enumerate(class_indices):
-            ids = ranked_ids[row]
-            subsets = [top_sets[class_index]]
-            for flat_index in best[row, :n_take].tolist():
-                out, inn = divmod(flat_index, n_selected - k)
-                swapped = ids[:out] + ids[out + 1 : k] + [ids[k + inn]]
-                subsets.append(tuple(sorted(swapped)))
-            lists[class_index] = subsets
-            thresholds[class_index] = float(top_values[class_index] + excluded[row])
-
-    def grow(class_index: int) -> None:
-        """Double the list with exact best-first enumeration."""
-        enumerator = enumerators.get(class_index)
-        if enumerator is None:
-            enumerator = _SubsetEnumerator(values[class_index], selected, k)
-            enumerators[class_index] = enumerator
-        length = 2 * len(lists[class_index])
-        enumerator.extend_to(length + 1)
-        lists[class_index] = enumerator.subsets[:length]
-        # the next subset in line bounds every unlisted one
-        thresholds[class_index] = (
-            enumerator.values[length] if len(enumerator.values) > length else -np.inf
-        )
-
+    lists = _CandidateLists(values, selected, k, order, top_sets)
     inverse = inverse.ravel()
     group_size = np.bincount(inverse, minlength=len(first_of))
     # g classes on one best subset: at least g - 1 of them must move
     colliding = np.flatnonzero(group_size[inverse] > 1)
     for size in np.unique(group_size[inverse[colliding]]).tolist():
         same_size = colliding[group_size[inverse[colliding]] == size].tolist()
-        start_lists(same_size, max(4, 2 * size))
+        lists.start(same_size, max(4, 2 * size))
 
-    chosen: dict[int, tuple[int, ...]] = {}
-    # components already matched and certified, keyed by their members and lists
-    solved: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, ...]]] = {}
-    changed = True
-    while changed:
-        changed = False
-        chosen.clear()
-        for members in _linked_classes([candidates(c) for c in range(n_classes)]):
-            if len(members) == 1:
-                chosen[members[0]] = candidates(members[0])[0]
-                continue
-            newcomers = [c for c in members if c not in lists]
-            if newcomers:
-                # a class whose best subset another class wants joins the matching
-                start_lists(newcomers, 2)
-                changed = True
-                continue
-            key = (tuple(members), tuple(len(lists[c]) for c in members))
-            if key in solved:
-                chosen.update(zip(members, solved[key]))
-                continue
-            columns = list(dict.fromkeys(s for c in members for s in lists[c]))
-            if len(columns) < len(members):
-                for class_index in members:
-                    if thresholds[class_index] > -np.inf:
-                        grow(class_index)
-                changed = True
-                continue
-            positions = np.array([[column_of_selected[d] for d in s] for s in columns])
-            # (members, columns): each member's A sum over each candidate subset
-            weights = values[np.asarray(members)][:, positions].sum(axis=2)
-            column_of_row, row_duals, column_duals = _hungarian_max(weights)
-            if not _duals_certify(weights, column_of_row, row_duals, column_duals, tolerance):
-                # never seen in tests; round-off on extreme inputs could cause it: keep a valid
-                # (scipy-optimal over these lists) matching rather than fail the whole solve
-                _logger.warning("class matching not certified; using it without a certificate")
-                column_of_row = linear_sum_assignment(-weights)[1]
-                solved[key] = [columns[int(column)] for column in column_of_row]
-                chosen.update(zip(members, solved[key], strict=True))
-                continue
-            failing = [
-                class_index
-                for row, class_index in enumerate(members)
-                if row_duals[row] < thresholds[class_index] - tolerance
-            ]
-            if failing:
-                for class_index in failing:
-                    grow(class_index)
-                changed = True
-                continue
-            solved[key] = [columns[int(column)] for column in column_of_row]
-            chosen.update(zip(members, solved[key]))
-
-    subsets = [chosen[class_index] for class_index in range(n_classes)]
+    tolerance = 1e-9 * (1.0 + k * float(np.abs(values).max()))
+    subsets = _match_classes(lists, tolerance)
     loss = 0.0
     n_moved = 0
     for class_index, subset in enumerate(subsets):
         if subset != top_sets[class_index]:
             n_moved += 1
-            loss += float(top_values[class_index]) - subset_value(class_index, subset)
+            loss += float(lists.top_values[class_index]) - lists.subset_value(class_index, subset)
     return subsets, loss, n_moved
 
 
