@@ -203,6 +203,9 @@ def test_paper_locality_and_center_bias_formulas() -> None:
     # eq. 8: (1.3, 0.6) / (2 * 3); eq. 26: -(2.5, 3.0) / (2 * 3); two values centre to -1 and 1
     np.testing.assert_allclose(locality, [1.0, -1.0])
     np.testing.assert_allclose(center, [1.0, -1.0])
+    # the paper's lambda for the centre bias (appendix D), whatever strength says
+    center_paper = compute_bias(stats, "center_paper", n_features=2, strength=1.0)
+    np.testing.assert_allclose(center_paper, [10**1.5, -(10**1.5)])
     np.testing.assert_array_equal(compute_bias(None, "none", n_features=2), [0.0, 0.0])
     with pytest.raises(ValueError, match="unknown bias 'edges'; valid: locality"):
         compute_bias(stats, "edges", n_features=2)

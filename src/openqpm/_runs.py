@@ -273,11 +273,15 @@ def stage_features(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_problem(ctx: StageContext) -> dict[str, Any]:
+    """A, R, b and eps from the features pass (and pooled features, for A from AUROC)."""
     from openqpm.constants import build_problem
     from openqpm.features import load_feature_pass
 
     solver = ctx.config.solver
     feature_pass = load_feature_pass(ctx.path("features"))
+    pooled = labels = None
+    if solver.class_measure == "auroc":
+        pooled, labels = _pooled_train_features(ctx, _load_model(ctx, "dense.safetensors"))
     problem, report = build_problem(
         feature_pass.feature_stats,
         feature_pass.map_stats,
@@ -286,6 +290,10 @@ def stage_problem(ctx: StageContext) -> dict[str, Any]:
         bias=solver.bias,
         bias_strength=solver.bias_strength,
         r_scaling=solver.r_scaling,
+        use_similarity=solver.use_similarity,
+        class_measure=solver.class_measure,
+        pooled=pooled,
+        labels=labels,
     )
     if is_main_process():
         problem.save(ctx.path("problem.npz"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -250,7 +251,9 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
         # A command on an existing run continues with that run's configuration.
         base = load_config(run_dir / "config.yaml")
     config = load_config(args.config, base=base)
-    typed = {f.field: getattr(args, f.dest) for f in args.flags if getattr(args, f.dest) is not None}
+    typed = {
+        f.field: getattr(args, f.dest) for f in args.flags if getattr(args, f.dest) is not None
+    }
     config = apply_overrides(config, typed)
     return apply_overrides(config, args.overrides)
 
@@ -444,6 +447,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from openqpm.compare import compare, markdown_table
+
+    try:
+        comparison = compare(args.run_dirs)
+    except ValueError as error:
+        raise _CliError(str(error)) from None
+    table = markdown_table(comparison)
+    print(table)
+    if args.out is not None:
+        from openqpm._io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(comparison, indent=2))
+        atomic_write_text(args.out.with_suffix(".md"), table + "\n")
+        print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from openqpm.api import resolve_device
+    from openqpm.config import load_config
+    from openqpm.sweep import SWEEPABLE, plot_sweep, run_sweep
+
+    run_dir = _run_dir(args)
+    if not (run_dir / "config.yaml").is_file():
+        raise _CliError(f"{run_dir} is not a run directory (no config.yaml): train it first")
+    chosen = [name for name in SWEEPABLE if getattr(args, name) is not None]
+    if len(chosen) != 1:
+        raise _CliError("openqpm sweep: give exactly one of --n-features or --bias-strength")
+    field = chosen[0]
+    values = _listed(getattr(args, field), "--" + field.replace("_", "-"), float)
+    config = load_config(run_dir / "config.yaml")
+    methods = _listed(args.methods, "--methods", str)
+    points = run_sweep(
+        config,
+        run_dir,
+        field=field,
+        values=values,
+        methods=[config.sparsify.method] if methods == [None] else methods,
+        device=resolve_device(config.device),
+        reporter=_ConsoleReporter(),
+    )
+    out = run_dir / "sweep" / f"{field}.png"
+    plot_sweep(points, field=field).savefig(out, dpi=120)
+    rows = [{"method": p.method, field: p.value, **p.metrics} for p in points]
+    from openqpm._io import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=2))
+    for point in points:
+        print(
+            f"{point.method:<10} {field}={point.value:g}  accuracy {point.metrics['accuracy']:.2f}"
+        )
+    print(f"\nwrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from openqpm.config import config_description, config_names
 
@@ -541,6 +600,22 @@ def _build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--out", type=Path, help="assignment.json to write")
     _add_run_options(solve, positional_run_dir=False, flags=_SOLVE_FLAGS)
     solve.set_defaults(handler=_cmd_solve)
+
+    compare = commands.add_parser(
+        "compare", help="the paper's table: every method and seed of the given run directories"
+    )
+    compare.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    compare.add_argument("--out", type=Path, help="comparison.json to write (and a .md beside)")
+    compare.set_defaults(handler=_cmd_compare)
+
+    sweep = commands.add_parser(
+        "sweep", help="solve and fine-tune a finished run at several n_features or bias strengths"
+    )
+    sweep.add_argument("run_dir_positional", type=Path, metavar="RUN_DIR")
+    sweep.add_argument("--n-features", dest="n_features", help="values, e.g. 10,20,30,40,50")
+    sweep.add_argument("--bias-strength", dest="bias_strength", help="values, e.g. 0,0.3,1,3")
+    sweep.add_argument("--methods", help="methods to sweep (default: the run's), e.g. qpm,sldd")
+    sweep.set_defaults(handler=_cmd_sweep, run_dir=None)
 
     configs = commands.add_parser("configs", help="list the shipped configurations")
     configs.set_defaults(handler=_cmd_configs)

@@ -116,6 +116,8 @@ class SolverConfig:
     bias: str = "locality"  # a name of openqpm.constants.BIAS_NAMES
     bias_strength: float = 1.0 / math.sqrt(10.0)  # max |b| (the paper's lambda)
     r_scaling: str = "code"  # openqpm.constants.R_SCALINGS; code: (r-m)/(M-m), paper: r/M
+    use_similarity: bool = True  # false: R = 0, no similarity penalty (Table 4's ablation)
+    class_measure: str = "pearson"  # A from: pearson (the paper) | auroc (App. J)
     method: str = "auto"  # a name of openqpm.solver.solver_methods()
     time_limit_s: float = 60.0
 

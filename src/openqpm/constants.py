@@ -1,13 +1,19 @@
 """The constants of the QPM problem, computed from streamed feature statistics (numpy only).
 
 * Class similarity (the paper's A, section 3.2): Pearson correlation of every feature with every
-  one-hot class indicator over the training set, from running sums, scaled to max |value| = 1.
+  one-hot class indicator over the training set, from running sums, scaled to max |value| = 1;
+  or, for the ablation of appendix J, the AUROC of each feature for "class c vs rest" (from the
+  pooled training features, not from sums), mapped to [-1, 1] as 2 AUC - 1 and scaled the same way.
 * Feature redundancy (the paper's R, section 3.3): ReLU of the cosine similarity between two
   features' class-similarity profiles, zero diagonal, then thresholded at eps (the lowest value at
   which ``n_features`` mutually compatible features exist, section 4.1.1) and rescaled.
 * Feature bias (the paper's b, section 3.4 and appendix D): locality (the reference code's variant
-  or the paper's eq. 8), centre bias (eqs. 26-27), none, or a user vector; outliers clipped,
-  centred and scaled to max |value| = ``bias_strength``.
+  or the paper's eq. 8), centre bias (eqs. 26-27) at ``bias_strength`` or at the paper's
+  lambda = 10**(3/2) (``"center_paper"``), none, or a user vector; outliers clipped, centred and
+  scaled to max |value| = ``bias_strength``.
+
+The ablations of the paper's table 4 switch the terms off: ``build_problem(use_similarity=False)``
+gives R = 0 (no Z_R) and ``bias="none"`` gives b = 0 (no Z_B); the report records which was used.
 
 Everything is streamed: :class:`FeatureStatistics` and :class:`MapStatistics` hold sums only,
 can be merged across processes, and round-trip through plain arrays.
@@ -30,12 +36,15 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "BIAS_NAMES",
+    "CENTER_PAPER_STRENGTH",
+    "CLASS_MEASURES",
     "DEFAULT_BIAS_STRENGTH",
     "R_SCALINGS",
     "ConstantsReport",
     "FeatureStatistics",
     "MapStatistics",
     "build_problem",
+    "class_feature_auroc",
     "class_feature_similarity",
     "clip_center_scale",
     "compute_bias",
@@ -51,8 +60,18 @@ __all__ = [
 # between features of similar class fit, never enough to select a feature no class wants.
 DEFAULT_BIAS_STRENGTH = 1.0 / math.sqrt(10.0)
 
-BIAS_NAMES = ("locality", "locality_paper", "center", "none")
+# The lambda of the centre bias in the paper's steerability experiment: appendix D ("The resulting
+# improved accuracy on TravelingBirds with lambda = 10^(3/2), shown in table 11"). It is 100 times
+# DEFAULT_BIAS_STRENGTH: up to ~31.6 per selected feature, i.e. ~32 perfect class assignments at
+# the CUB scaling, so the bias dominates the class term rather than breaking ties.
+CENTER_PAPER_STRENGTH = 10**1.5
+
+# The one list of valid bias names (the config and the pipeline check against it). "center_paper"
+# is "center" at CENTER_PAPER_STRENGTH, whatever bias_strength says.
+BIAS_NAMES = ("locality", "locality_paper", "center", "center_paper", "none")
 R_SCALINGS = ("code", "paper")
+# The one list of valid class-feature similarity measures (section 3.2 / appendix J).
+CLASS_MEASURES = ("pearson", "auroc")
 
 # a feature whose variance is below this fraction of its mean square is constant up to round-off
 _DEAD_RELATIVE_VARIANCE = 1e-12
@@ -66,6 +85,19 @@ def _as_2d_float(value: Any, name: str, n_columns: int) -> np.ndarray:
         row, column = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
         raise ValueError(f"{name} has a non-finite value {array[row, column]} at [{row}, {column}]")
     return array
+
+
+def _checked_labels(labels: Any, n_rows: int, n_classes: int, *, rows_of: str) -> np.ndarray:
+    """``labels`` as an integer array of ``n_rows`` class indices in ``[0, n_classes)``."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_rows,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be {n_rows} integers (one per row of {rows_of}), got "
+            f"shape {labels.shape} dtype {labels.dtype}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+    return labels
 
 
 def _checked_arrays(
@@ -145,16 +177,7 @@ class FeatureStatistics:
             ValueError: On a wrong shape, a non-finite feature or a label out of range.
         """
         features = _as_2d_float(features, "features", self.n_features)
-        labels = np.asarray(labels)
-        if labels.shape != (features.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels must be {features.shape[0]} integers (one per row of features), got "
-                f"shape {labels.shape} dtype {labels.dtype}"
-            )
-        if labels.size and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.n_classes}), got {labels.min()}..{labels.max()}"
-            )
+        labels = _checked_labels(labels, features.shape[0], self.n_classes, rows_of="features")
         self.count += int(features.shape[0])
         self.class_counts += np.bincount(labels, minlength=self.n_classes)
         self.feature_sum += features.sum(axis=0)
@@ -474,6 +497,96 @@ def class_feature_similarity(stats: FeatureStatistics) -> tuple[np.ndarray, np.n
     )
     # round-off can push |correlation| a hair above 1
     return np.clip(similarity, -1.0, 1.0), dead
+
+
+# values per block of ranked columns: bounds the temporaries of rankdata to ~32 MiB each
+_RANK_BLOCK_VALUES = 1 << 22
+
+
+def class_feature_auroc(pooled: Any, labels: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC of every feature for every "class c vs rest" split, mapped to [-1, 1] (unscaled).
+
+    The paper's appendix J (table 10) ablates A with "the Area under the receiver operating
+    characteristic curve (AUROC)" instead of the Pearson correlation, without saying how the AUC is
+    turned into a similarity. Here feature d's pooled value is the score, class c the positives and
+    all other samples the negatives, and the AUC is mapped to 2 AUC - 1 (Somers' D): 0 for a
+    feature that does not separate the class (AUC 0.5), 1 when every sample of c scores above
+    every other sample, -1 for the reverse, the same sign convention and range as the correlation.
+    :func:`build_problem` then scales it to max |A| = 1 like the correlation (section 4.1.1).
+
+    Exact, from ranks (Mann-Whitney U, ties between a positive and a negative count 1/2): with
+    average ranks r over all N samples, n_c samples of class c and rank sum S_c over them,
+    U = S_c - n_c (n_c + 1) / 2 and AUC = U / (n_c (N - n_c)). Each feature column is ranked
+    once (``scipy.stats.rankdata``) and the rank sums of all classes come from one pass; columns
+    are processed in blocks, so the extra memory is O(N * block) on top of the O(N * n_f) input.
+
+    Args:
+        pooled: (N, n_f) pooled training features, finite, any real dtype (not converted as a
+            whole: a float32 matrix stays float32).
+        labels: (N,) class indices in [0, n_classes).
+        n_classes: Number of classes n_c.
+
+    Returns:
+        ``(similarity, constant_features)``: (n_c, n_f) values 2 AUC - 1 in [-1, 1], and the ids of
+        the features with one value over all samples (their AUC is exactly 0.5, so they get 0). A
+        class with no samples, or with every sample, has no AUC and gets 0.
+
+    Raises:
+        ValueError: On a wrong shape or dtype, a non-finite value or a label out of range.
+
+    Example:
+        >>> import numpy as np
+        >>> pooled = np.array([[0.1, 1.0], [0.4, 1.0], [0.35, 1.0], [0.8, 1.0]])
+        >>> similarity, constant = class_feature_auroc(pooled, np.array([0, 0, 1, 1]), 2)
+        >>> similarity[1].tolist(), constant.tolist()  # AUC 0.75 for class 1, feature 1 constant
+        ([0.5, 0.0], [1])
+    """
+    from scipy.stats import rankdata
+
+    features = np.asarray(pooled)
+    if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
+        raise ValueError(f"pooled must have shape (N, n_f) with N, n_f >= 1, got {features.shape}")
+    if not (
+        np.issubdtype(features.dtype, np.integer) or np.issubdtype(features.dtype, np.floating)
+    ):
+        raise ValueError(f"pooled must hold real numbers, got dtype {features.dtype}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be positive, got {n_classes}")
+    n_samples, n_all_features = features.shape
+    labels = _checked_labels(labels, n_samples, n_classes, rows_of="pooled")
+    class_counts = np.bincount(labels, minlength=n_classes)  # (n_c,)
+    present = np.flatnonzero(class_counts)
+    # samples sorted by class: each present class is one contiguous run of rows
+    order = np.argsort(labels, kind="stable")
+    run_starts = np.concatenate([[0], np.cumsum(class_counts)[:-1]])[present]
+    positives = class_counts[present].astype(np.float64)  # (n_present,)
+    negatives = float(n_samples) - positives
+    pairs = positives * negatives  # positive-negative pairs; 0 when a class has every sample
+    similarity = np.zeros((n_classes, n_all_features))
+    constant = np.zeros(n_all_features, dtype=bool)
+    block = max(1, min(n_all_features, _RANK_BLOCK_VALUES // n_samples))
+    for first in range(0, n_all_features, block):
+        columns = slice(first, min(first + block, n_all_features))
+        values = features[order, columns]  # (N, block), rows grouped by class
+        if not np.all(np.isfinite(values)):
+            row, column = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+            raise ValueError(
+                f"pooled has a non-finite value {values[row, column]} at "
+                f"[{int(order[row])}, {first + column}]"
+            )
+        constant[columns] = np.all(values == values[:1], axis=0)
+        ranks = rankdata(values, axis=0)  # (N, block) average ranks 1..N, ties share their mean
+        rank_sums = np.add.reduceat(ranks, run_starts, axis=0)  # (n_present, block)
+        # 2 AUC - 1 = (2 U - n_pos n_neg) / (n_pos n_neg); the numerator is exact (half-integers)
+        u_statistic = rank_sums - (positives * (positives + 1.0) / 2.0)[:, None]
+        numerator = 2.0 * u_statistic - pairs[:, None]
+        similarity[present, columns] = np.divide(
+            numerator,
+            pairs[:, None],
+            out=np.zeros_like(numerator),
+            where=pairs[:, None] > 0,
+        )
+    return np.clip(similarity, -1.0, 1.0), np.flatnonzero(constant)
 
 
 def feature_redundancy(class_similarity: np.ndarray) -> np.ndarray:
@@ -808,11 +921,13 @@ def compute_bias(
     Args:
         map_stats: Map statistics of the training set (needed by every named bias but "none").
         bias: ``"locality"`` (reference code: per-sample activation shares, border mask),
-            ``"locality_paper"`` (paper eq. 8), ``"center"`` (appendix D eq. 26), ``"none"``
-            (zeros), or a user vector (n_features,) that is clipped, centred and scaled like the
-            others.
+            ``"locality_paper"`` (paper eq. 8), ``"center"`` (appendix D eq. 26),
+            ``"center_paper"`` (eq. 26 at the paper's lambda :data:`CENTER_PAPER_STRENGTH`),
+            ``"none"`` (exact zeros), or a user vector (n_features,) that is clipped, centred and
+            scaled like the others.
         n_features: Number of backbone features n_f.
-        strength: Maximum absolute bias (the paper's lambda).
+        strength: Maximum absolute bias (the paper's lambda); ignored by ``"center_paper"``,
+            which always uses :data:`CENTER_PAPER_STRENGTH`, and by ``"none"``.
 
     Returns:
         (n_features,) bias.
@@ -846,7 +961,7 @@ def compute_bias(
             where=map_stats.pooled_sum > 0,
         )
         return clip_center_scale(raw, strength=strength)
-    if bias == "center":
+    if bias in ("center", "center_paper"):
         # eq. 26: b_d = -sum_j f_jd / (1 + d_e) / (n_T sum_j f_jd)
         raw = -np.divide(
             map_stats.center_pooled_sum,
@@ -854,6 +969,8 @@ def compute_bias(
             out=np.zeros(n_features),
             where=map_stats.pooled_sum > 0,
         )
+        if bias == "center_paper":
+            strength = CENTER_PAPER_STRENGTH
         return clip_center_scale(raw, strength=strength)
     # the reference code's locality: L from per-sample shares, E = -border share; features whose
     # maps peak on the border more than average (normalised E < 0) get the lowest locality
@@ -869,24 +986,35 @@ def compute_bias(
 
 @dataclass
 class ConstantsReport:
-    """What :func:`build_problem` found along the way.
+    """What :func:`build_problem` found along the way, and which terms (ablation) it used.
 
     Args:
-        eps: Redundancy threshold; pairs at or above it are penalised.
-        start_features: ``n_features`` mutually compatible features (ascending), a start selection.
+        eps: Redundancy threshold; pairs at or above it are penalised. None when
+            ``use_similarity`` is False: R is then all zeros and no threshold is searched.
+        start_features: ``n_features`` mutually compatible features (ascending), a start selection
+            (without the similarity term: the ``n_features`` features most similar to some class).
         dead_features: Constant features (their class similarity is 0).
-        n_penalised_pairs: Unordered pairs with redundancy >= eps.
-        bias: Name of the bias used ("user" for a vector).
-        r_scaling: Rescaling of the penalised pairs ("code" or "paper").
+        n_penalised_pairs: Unordered pairs with redundancy >= eps (0 without the similarity term).
+        bias: Name of the bias used ("user" for a vector; "none" means b = 0, no Z_B).
+        r_scaling: Rescaling of the penalised pairs ("code" or "paper"; moot without R).
+        use_similarity: Whether R (the paper's Z_R) is in the problem; False is table 4's "without
+            Z_R" ablation.
+        class_measure: How A was computed, a name of :data:`CLASS_MEASURES` ("auroc" is the
+            ablation of appendix J).
+        bias_strength: The lambda the bias was scaled to: ``bias_strength`` as given,
+            :data:`CENTER_PAPER_STRENGTH` for "center_paper", 0 for "none".
         timings_s: Seconds spent per step.
     """
 
-    eps: float
+    eps: float | None
     start_features: list[int]
     dead_features: list[int]
     n_penalised_pairs: int
     bias: str
     r_scaling: str
+    use_similarity: bool = True
+    class_measure: str = "pearson"
+    bias_strength: float = DEFAULT_BIAS_STRENGTH
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -903,26 +1031,46 @@ def build_problem(
     bias: str | np.ndarray = "locality",
     bias_strength: float = DEFAULT_BIAS_STRENGTH,
     r_scaling: str = "code",
+    use_similarity: bool = True,
+    class_measure: str = "pearson",
+    pooled: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     seed: int = 0,
 ) -> tuple[AssignmentProblem, ConstantsReport]:
     """All constants of the QPM problem from streamed statistics.
+
+    The switches give the paper's ablations: ``use_similarity=False`` drops Z_R and
+    ``bias="none"`` drops Z_B (table 4), ``bias="center_paper"`` is the centre bias at the paper's
+    lambda (appendix D, table 11) and ``class_measure="auroc"`` builds A from AUROC (appendix J).
+    The report and ``problem.metadata`` record all of them.
 
     Args:
         feature_stats: Pooled-feature statistics of the training set (test transforms).
         map_stats: Map statistics, required unless ``bias`` is "none" or a vector.
         n_features: Features to select (the paper's n_f*).
         n_per_class: Features per class (the paper's n_wc).
-        bias: See :func:`compute_bias`.
-        bias_strength: Maximum absolute bias (the paper's lambda).
+        bias: See :func:`compute_bias`; "none" gives b = 0 exactly (no Z_B).
+        bias_strength: Maximum absolute bias (the paper's lambda); "center_paper" ignores it.
         r_scaling: ``"code"`` or ``"paper"``, see :func:`rescale_redundancy`.
+        use_similarity: False sets R = 0 (no Z_R, the feature-feature similarity penalty). The
+            threshold search only serves R, so it is skipped: the report's and the problem's eps
+            are None, no pair is penalised, and the start selection is the ``n_features`` features
+            most similar to some class.
+        class_measure: ``"pearson"`` (the paper's A, from ``feature_stats``) or ``"auroc"``
+            (appendix J, see :func:`class_feature_auroc`; needs ``pooled`` and ``labels``). Either
+            is scaled to max |A| = 1.
+        pooled: (N, n_f) pooled training features, needed by ``class_measure="auroc"`` only
+            (ignored otherwise).
+        labels: (N,) their class indices, with ``pooled``.
         seed: Seed of the compatible-set search.
 
     Returns:
         ``(problem, report)``.
 
     Raises:
-        ValueError: If the statistics are empty, every feature is dead, an option is unknown or
-            the sizes are infeasible.
+        ValueError: If the statistics are empty, every feature is dead, an option is unknown,
+            ``pooled`` or ``labels`` is missing or misshapen for "auroc", or the sizes are
+            infeasible.
 
     Example:
         >>> import numpy as np
@@ -933,9 +1081,19 @@ def build_problem(
         >>> problem, report = build_problem(stats, n_features=6, n_per_class=2, bias="none")
         >>> float(np.abs(problem.A).max()), len(report.start_features)
         (1.0, 6)
+        >>> no_r, report = build_problem(stats, n_features=6, n_per_class=2, bias="none",
+        ...                              use_similarity=False)
+        >>> float(np.abs(no_r.R).max()), report.eps, report.use_similarity
+        (0.0, None, False)
     """
     if r_scaling not in R_SCALINGS:
         raise ValueError(f"unknown r_scaling {r_scaling!r}; valid: {', '.join(R_SCALINGS)}")
+    if class_measure not in CLASS_MEASURES:
+        raise ValueError(
+            f"unknown class_measure {class_measure!r}; valid: {', '.join(CLASS_MEASURES)}"
+        )
+    if isinstance(bias, str) and bias not in BIAS_NAMES:
+        raise ValueError(f"unknown bias {bias!r}; valid: {', '.join(BIAS_NAMES)} or a vector")
     if n_features > feature_stats.n_features:
         raise ValueError(
             f"n_features={n_features} exceeds the {feature_stats.n_features} features available"
@@ -943,6 +1101,8 @@ def build_problem(
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     similarity, dead = class_feature_similarity(feature_stats)
+    if class_measure == "auroc":
+        similarity, dead = _auroc_similarity(feature_stats, pooled, labels, dead)
     largest = float(np.abs(similarity).max())
     if largest == 0:
         raise ValueError("every feature is constant or uncorrelated with the classes: no problem")
@@ -951,13 +1111,25 @@ def build_problem(
     if dead.size:
         _logger.warning("%d constant (dead) features get class similarity 0", dead.size)
 
-    clock = time.perf_counter()
-    redundancy = feature_redundancy(similarity)
-    timings["redundancy_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    eps, clique = find_compatibility_threshold(redundancy, n_features, seed=seed)
-    timings["threshold_s"] = time.perf_counter() - clock
-    penalties, n_penalised = rescale_redundancy(redundancy, eps, scaling=r_scaling)
+    eps: float | None = None
+    if use_similarity:
+        clock = time.perf_counter()
+        redundancy = feature_redundancy(similarity)
+        timings["redundancy_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        eps, clique = find_compatibility_threshold(redundancy, n_features, seed=seed)
+        timings["threshold_s"] = time.perf_counter() - clock
+        penalties, n_penalised = rescale_redundancy(redundancy, eps, scaling=r_scaling)
+        # the clique may be larger than needed: keep the members most similar to some class
+        usefulness = similarity[:, clique].max(axis=0)
+        start_ids = np.asarray(clique)[np.argsort(-usefulness, kind="stable")[:n_features]]
+    else:
+        # no Z_R: every set is compatible, so nothing to threshold
+        penalties = np.zeros((feature_stats.n_features, feature_stats.n_features))
+        n_penalised = 0
+        # start: the features most similar to some class
+        start_ids = np.argsort(-similarity.max(axis=0), kind="stable")[:n_features]
+    start = sorted(int(d) for d in start_ids)
 
     clock = time.perf_counter()
     bias_vector = compute_bias(
@@ -965,12 +1137,13 @@ def build_problem(
     )
     timings["bias_s"] = time.perf_counter() - clock
 
-    # the clique may be larger than needed: keep the members most similar to some class
-    usefulness = similarity[:, clique].max(axis=0)
-    start = sorted(
-        int(d) for d in np.asarray(clique)[np.argsort(-usefulness, kind="stable")[:n_features]]
-    )
     bias_name = bias if isinstance(bias, str) else "user"
+    if bias_name == "center_paper":
+        used_strength = CENTER_PAPER_STRENGTH
+    elif bias_name == "none":
+        used_strength = 0.0
+    else:
+        used_strength = float(bias_strength)
     report = ConstantsReport(
         eps=eps,
         start_features=start,
@@ -978,6 +1151,9 @@ def build_problem(
         n_penalised_pairs=n_penalised,
         bias=bias_name,
         r_scaling=r_scaling,
+        use_similarity=bool(use_similarity),
+        class_measure=class_measure,
+        bias_strength=used_strength,
         timings_s=timings,
     )
     problem = AssignmentProblem(
@@ -989,8 +1165,10 @@ def build_problem(
         eps=eps,
         metadata={
             "bias": bias_name,
-            "bias_strength": float(bias_strength),
+            "bias_strength": used_strength,
             "r_scaling": r_scaling,
+            "use_similarity": bool(use_similarity),
+            "class_measure": class_measure,
             "n_penalised_pairs": n_penalised,
             "dead_features": report.dead_features,
             "start_features": start,
@@ -998,6 +1176,49 @@ def build_problem(
         },
     )
     _logger.info(
-        "constants: eps %.4f, %d penalised pairs, %d dead features", eps, n_penalised, dead.size
+        "constants (A: %s, R: %s, b: %s at %.4g): eps %s, %d penalised pairs, %d dead features",
+        class_measure,
+        "on" if use_similarity else "off",
+        bias_name,
+        used_strength,
+        "none" if eps is None else f"{eps:.4f}",
+        n_penalised,
+        dead.size,
     )
     return problem, report
+
+
+def _auroc_similarity(
+    feature_stats: FeatureStatistics,
+    pooled: np.ndarray | None,
+    labels: np.ndarray | None,
+    dead: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_feature_auroc` for :func:`build_problem`, checked against the statistics.
+
+    The dead features are the union of the statistics' (constant up to round-off) and the columns
+    of ``pooled`` with a single value; all of them get similarity 0.
+    """
+    if pooled is None:
+        raise ValueError(
+            "class_measure='auroc' needs the pooled training features: pass pooled=(N, n_f) "
+            "array (and labels=(N,))"
+        )
+    if labels is None:
+        raise ValueError("class_measure='auroc' needs labels=(N,) class indices with pooled")
+    n_columns = int(np.shape(pooled)[-1]) if np.ndim(pooled) == 2 else -1
+    if n_columns != feature_stats.n_features:
+        raise ValueError(
+            f"pooled must have shape (N, {feature_stats.n_features}) to match the feature "
+            f"statistics, got {np.shape(pooled)}"
+        )
+    if np.ndim(labels) == 1 and len(labels) != feature_stats.count:
+        _logger.warning(
+            "AUROC from %d pooled samples, the feature statistics hold %d",
+            len(labels),
+            feature_stats.count,
+        )
+    similarity, constant = class_feature_auroc(pooled, labels, feature_stats.n_classes)
+    dead = np.union1d(dead, constant).astype(np.int64)
+    similarity[:, dead] = 0.0
+    return similarity, dead

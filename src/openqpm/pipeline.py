@@ -76,7 +76,7 @@ def stage_is_current(config: RunConfig, run_dir: str | Path, stage: str) -> bool
 
 def _choice_lists() -> list[tuple[str, Sequence[str]]]:
     """``(field, valid names)`` for every field chosen from a list; each list lives in its module."""
-    from openqpm.constants import BIAS_NAMES, R_SCALINGS
+    from openqpm.constants import BIAS_NAMES, CLASS_MEASURES, R_SCALINGS
     from openqpm.data import dataset_names
     from openqpm.data.transforms import AUGMENTATIONS
     from openqpm.solver import solver_methods
@@ -88,6 +88,7 @@ def _choice_lists() -> list[tuple[str, Sequence[str]]]:
         ("solver.method", solver_methods()),
         ("solver.bias", BIAS_NAMES),
         ("solver.r_scaling", R_SCALINGS),
+        ("solver.class_measure", CLASS_MEASURES),
     ]
 
 

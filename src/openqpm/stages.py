@@ -148,6 +148,9 @@ STAGES: tuple[Stage, ...] = (
             "solver.bias",
             "solver.bias_strength",
             "solver.r_scaling",
+            "solver.use_similarity",
+            "solver.class_measure",
+            "sparsify.max_images",  # the images AUROC reads (class_measure: auroc)
         ),
         run=_runs.stage_problem,
         command=False,
