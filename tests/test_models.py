@@ -17,6 +17,7 @@ from openqpm.models import (
     DenseHead,
     QPMHead,
     QPMModel,
+    SparseHead,
     backbone_names,
     check_image_size,
     check_n_features,
@@ -25,6 +26,7 @@ from openqpm.models import (
     qpm_from_dense,
     read_metadata,
     register_backbone,
+    sparse_from_dense,
 )
 from openqpm.models.backbones import _REGISTRY
 from openqpm.solver.problem import Assignment
@@ -47,6 +49,22 @@ def _dense_model(n_classes: int = 4) -> QPMModel:
 def _qpm_model() -> QPMModel:
     return _dense_model().to_qpm(
         _SELECTED, torch.rand(4) + 0.1, torch.rand(4) + 0.5, _MATRIX, dropout=0.1
+    )
+
+
+def _sparse_model() -> QPMModel:
+    weight = [[0.5, 0.0, -1.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.3], [1.0, 0, 0, 1.0]]
+    return sparse_from_dense(
+        _dense_model(),
+        _SELECTED,
+        torch.rand(4),
+        torch.rand(4) + 0.5,
+        weight,
+        torch.randn(4),
+        dropout=0.1,
+        train_normalisation=True,
+        train_weights=True,
+        train_bias=False,
     )
 
 
@@ -382,13 +400,18 @@ def test_model_rejects_mismatched_parts() -> None:
     head = QPMHead([0, 40], [0, 0], [1, 1], [[1, 0], [0, 1]])
     with pytest.raises(ValueError, match="selects channel 40 but backbone 'tiny_cnn' has only 32"):
         QPMModel(backbone, head, class_names=["a", "b"])
+    sparse = SparseHead([0, 40], [0, 0], [1, 1], [[1.0, 0.0], [0.0, -1.0]])
+    with pytest.raises(ValueError, match="SparseHead selects channel 40 but backbone"):
+        QPMModel(backbone, sparse, class_names=["a", "b"])
+    with pytest.raises(TypeError, match="SparseHead"):
+        QPMModel(backbone, torch.nn.Linear(2, 2), class_names=["a", "b"])  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
 # save / load
 
 
-@pytest.mark.parametrize("make_model", [_dense_model, _qpm_model])
+@pytest.mark.parametrize("make_model", [_dense_model, _qpm_model, _sparse_model])
 def test_save_load_round_trip_gives_the_same_logits(tmp_path: Path, make_model) -> None:
     model = make_model()
     # Non-default BatchNorm statistics, so that the buffers must round-trip too.
@@ -405,6 +428,7 @@ def test_save_load_round_trip_gives_the_same_logits(tmp_path: Path, make_model) 
         assert torch.equal(loaded(images), model(images))
     assert loaded.class_names == model.class_names
     assert loaded.is_qpm == model.is_qpm
+    assert loaded.is_sparse == model.is_sparse
     assert loaded.metadata == {**model.metadata, "accuracy": 0.5}
 
 

@@ -97,16 +97,23 @@ class LocalExplanation:
             return f"{predicted} and {runner_up} use the same features."
         value = float(self.features[feature])
         label = feature_labels[feature]
-        if self.class_weights[self.predicted_class, feature] > 0 and (
-            self.class_weights[self.runner_up_class, feature] == 0
-        ):
+        predicted_weight = float(self.class_weights[self.predicted_class, feature])
+        runner_up_weight = float(self.class_weights[self.runner_up_class, feature])
+        if predicted_weight > 0 and runner_up_weight == 0:
             return (
                 f"Why {predicted} and not {runner_up}: {label} is {predicted}'s only, and it is "
                 f"active here ({value:+.2f})."
             )
+        if predicted_weight == 0 and runner_up_weight > 0:
+            return (
+                f"Why {predicted} and not {runner_up}: {label} is {runner_up}'s only, and it is "
+                f"weak here ({value:+.2f})."
+            )
+        # signed or unequal weights (a sparse head): say what the feature adds to the margin
         return (
-            f"Why {predicted} and not {runner_up}: {label} is {runner_up}'s only, and it is weak "
-            f"here ({value:+.2f})."
+            f"Why {predicted} and not {runner_up}: {label} ({value:+.2f} here) has weight "
+            f"{predicted_weight:+.2f} for {predicted} and {runner_up_weight:+.2f} for "
+            f"{runner_up}, which adds {self.separating_gain():+.2f} to the margin."
         )
 
 

@@ -146,15 +146,15 @@ class GlobalExplanation:
         """Build the explanation of an ``openqpm.QPMModel``.
 
         Args:
-            model: the model; its ``class_weights()``, ``class_names`` and, for a QPM, the
-                head's ``selected_features`` are read.
+            model: the model; its ``class_weights()``, ``class_names`` and, for a QPM or a
+                sparse head, the head's ``selected_features`` are read.
             class_attributes: (n_c, n_attr) annotated class attributes to rank the pairs.
 
         Returns:
             The explanation.
         """
         qpm: Any = model
-        selected = getattr(qpm.head, "selected_features", None) if qpm.is_qpm else None
+        selected = getattr(qpm.head, "selected_features", None)  # None for a dense head
         channel_ids = None if selected is None else [int(i) for i in selected.tolist()]
         return cls.from_weights(
             qpm.class_weights(),

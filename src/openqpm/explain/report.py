@@ -78,6 +78,8 @@ class _Context:
     pair_images: dict[tuple[int, int], str]
     weights: np.ndarray
     class_means: np.ndarray  # (n_c, K) mean feature value per class over the test set
+    bias: np.ndarray  # (n_c,) the head's bias (zeros for a QPM)
+    weighted: bool  # signed, unequal weights (a sparse head): pages show each weight
     _display: dict[int, np.ndarray] = field(default_factory=dict)
 
     def display(self, index: int) -> np.ndarray:
@@ -103,7 +105,7 @@ class _Context:
     def local(self, index: int, *, versus: int | None = None) -> LocalExplanation:
         """The explanation of a scanned image; ``versus`` replaces the runner-up class."""
         features = self.scan.features[index].astype(np.float64)
-        logits = self.weights @ features  # a QPM has no bias: logits are exactly W z
+        logits = self.weights @ features + self.bias  # a QPM has no bias: exactly W z
         predicted = int(self.scan.predictions[index])
         runner_up = int(self.scan.runner_up[index]) if versus is None else versus
         return LocalExplanation(
@@ -156,7 +158,8 @@ def write_report(
 
     Args:
         out_dir: the report folder (created; files in it are replaced).
-        model: a QPM ``openqpm.QPMModel``.
+        model: a QPM ``openqpm.QPMModel``, or one with a sparse head (its pages then list
+            every class's nonzero features with their signed weights).
         dataset: the *test* split with test transforms (an openqpm data set: ``class_names``,
             ``load_image``, ``transform``; ``class_attributes`` and ``attribute_names`` are
             used when present).
@@ -178,10 +181,11 @@ def write_report(
         ValueError: for a dense model, an empty data set or class names that disagree.
     """
     qpm: Any = model
-    if not getattr(qpm, "is_qpm", False):
+    is_sparse = bool(getattr(qpm, "is_sparse", False))
+    if not (getattr(qpm, "is_qpm", False) or is_sparse):
         raise ValueError(
-            "write_report explains a QPM model (binary class-feature assignment); got a dense "
-            "model: build the report from qpm.safetensors"
+            "write_report explains a QPM model (binary class-feature assignment) or a sparse "
+            "one; got a dense model: build the report from qpm.safetensors"
         )
     if list(getattr(dataset, "class_names", qpm.class_names)) != list(qpm.class_names):
         raise ValueError("the data set's class_names differ from the model's class_names")
@@ -195,6 +199,10 @@ def write_report(
     explanation = GlobalExplanation.from_model(model, class_attributes=class_attributes)
     n_classes, n_features = explanation.n_classes, explanation.n_features
     weights = np.asarray(explanation.class_weights, dtype=np.float64)
+    head_bias = getattr(qpm.head, "bias", None) if is_sparse else None
+    bias = np.zeros(n_classes)
+    if head_bias is not None:
+        bias = head_bias.detach().double().cpu().numpy()
     class_pages = set(range(n_classes if max_classes is None else min(max_classes, n_classes)))
     scan = scan_dataset(model, dataset, device=device, batch_size=batch_size, progress=progress)
 
@@ -233,6 +241,8 @@ def write_report(
         pair_images={},
         weights=weights,
         class_means=_class_means(scan, n_classes),
+        bias=bias,
+        weighted=is_sparse,
     )
     _write_images(context, progress=progress)
     pairs = [
@@ -499,7 +509,15 @@ def _index_page(
 ) -> str:
     explanation = context.explanation
     scan = context.scan
-    n_per_class = len(explanation.class_features[0]) if explanation.class_features else 0
+    n_per_class: int | str = len(explanation.class_features[0]) if explanation.class_features else 0
+    classes_lead = f"Each class is the sum of {n_per_class} features."
+    if context.weighted:  # classes use different numbers of features, with signed weights
+        mean_count = float(np.mean([len(f) for f in explanation.class_features]))
+        n_per_class = f"{mean_count:.1f}"
+        classes_lead = (
+            f"Each class is a weighted sum of its features ({n_per_class} on average, weights "
+            "may be negative)" + (", plus a bias." if context.bias.any() else ".")
+        )
     accuracy = 100.0 * float(scan.correct.mean())
     stats = "".join(
         f'<div class="stat"><b>{escape(value)}</b><span>{escape(label)}</span></div>'
@@ -561,7 +579,7 @@ figures →</a></p>
 {pairs_section}
 <section class="card" id="classes">
 <h2>Classes</h2>
-<p class="lead">Each class is the sum of {n_per_class} features. The picture shows a correctly
+<p class="lead">{classes_lead} The picture shows a correctly
 classified test image with every pixel coloured by the class's strongest feature there.</p>
 <div class="search"><input id="class-search" type="search"
 placeholder="Filter classes by name (press /)" aria-label="Filter classes by name"
@@ -598,10 +616,12 @@ def _contribution_bars(context: _Context, local: LocalExplanation, root: str) ->
     )  # the longest bar spans half the track
     rows = []
     for class_index, parts in groups:
-        total = sum(value for _, value in parts)
+        bias = float(context.bias[class_index])
+        total = sum(value for _, value in parts) + bias
+        bias_note = f" (bias {bias:+.2f})" if bias else ""
         rows.append(
             f'<div class="group">{context.class_link(class_index, root)} '
-            f'<span class="muted">score {total:+.2f}</span></div>'
+            f'<span class="muted">score {total:+.2f}{bias_note}</span></div>'
         )
         for feature, value in parts:
             width = 50.0 * abs(value) / extent
@@ -638,9 +658,19 @@ def _class_page(context: _Context, class_index: int) -> str:
         f"{100.0 * n_correct / n_images:.0f}% ({n_correct}/{n_images})" if n_images else "n/a"
     )
     chips = "".join(context.feature_chip(d, root) for d in features)
+    summary = f"is the sum of these {len(features)} features."
+    if context.weighted:  # every nonzero feature with its signed weight
+        weights = context.weights[class_index]
+        chips = "".join(
+            context.feature_chip(d, root, extra=f"weight {weights[d]:+.3g}") for d in features
+        )
+        bias = float(context.bias[class_index])
+        summary = f"is a weighted sum of these {len(features)} features" + (
+            f", plus a bias of {bias:+.3g}." if bias else "."
+        )
     sections = [
         f"""<section class="card"><h2>Features</h2>
-<p class="lead">{escape(name)} is the sum of these {len(features)} features.</p><div>{chips}</div>
+<p class="lead">{escape(name)} {summary}</p><div>{chips}</div>
 </section>"""
     ]
     example = context.examples[class_index]

@@ -1,4 +1,5 @@
-"""Models: backbones (feature maps), heads (dense and QPM) and the QPMModel with save/load."""
+"""Models: backbones (feature maps), heads (dense, QPM and sparse) and the QPMModel with
+save/load."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ from openqpm.models.backbones import (
     create_backbone,
     register_backbone,
 )
-from openqpm.models.head import DenseHead, QPMHead
-from openqpm.models.model import QPMModel, load, qpm_from_dense, read_metadata
+from openqpm.models.head import DenseHead, QPMHead, SparseHead
+from openqpm.models.model import (
+    QPMModel,
+    load,
+    qpm_from_dense,
+    read_metadata,
+    sparse_from_dense,
+)
 
 __all__ = [
     "Backbone",
     "DenseHead",
     "QPMHead",
     "QPMModel",
+    "SparseHead",
     "backbone_names",
     "check_image_size",
     "check_n_features",
@@ -26,4 +34,5 @@ __all__ = [
     "qpm_from_dense",
     "read_metadata",
     "register_backbone",
+    "sparse_from_dense",
 ]

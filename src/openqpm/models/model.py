@@ -1,9 +1,10 @@
 """QPMModel: a backbone and a head, with save/load to safetensors plus JSON metadata.
 
 The saved file holds every tensor of the model and, in the safetensors header, a JSON document
-under the key ``"openqpm"`` that describes the architecture, the classes and (for a QPM) the
-selection and the per-class features, so :func:`load` rebuilds the model with no code or
-weights file of the run. No pickle is involved anywhere.
+under the key ``"openqpm"`` that describes the architecture, the classes and (for a QPM or a
+sparse head) the selection and the per-class features (for a sparse head also its trainability
+flags), so :func:`load` rebuilds the model with no code or weights file of the run. No pickle
+is involved anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from openqpm._io import atomic_path, read_json_header
 from openqpm.models.backbones import Backbone, create_backbone
-from openqpm.models.head import ArrayLike, DenseHead, QPMHead
+from openqpm.models.head import ArrayLike, DenseHead, QPMHead, SparseHead
 
 if TYPE_CHECKING:  # pragma: no cover - the solver is not imported at load time
     from openqpm.solver.problem import Assignment
@@ -34,29 +35,32 @@ __all__ = [
     "load",
     "qpm_from_dense",
     "read_metadata",
+    "sparse_from_dense",
 ]
 
 FORMAT_NAME = "openqpm-model"
-# Bump when the metadata layout changes in a way older readers cannot follow.
+# Bump when the metadata layout changes in a way older readers cannot follow. (The "sparse"
+# head type did not need a bump: older readers refuse it by its unknown head type.)
 FORMAT_VERSION = 1
 _METADATA_KEY = "openqpm"
 
-Head = DenseHead | QPMHead
+Head = DenseHead | QPMHead | SparseHead
 
 
 class QPMModel(nn.Module):
-    """A backbone plus a dense or QPM head, with class names and free-form metadata.
+    """A backbone plus a dense, QPM or sparse head, with class names and free-form metadata.
 
     Args:
         backbone: produces the feature maps (B, n_f, h, w).
-        head: a :class:`DenseHead` over all n_f channels or a :class:`QPMHead`.
+        head: a :class:`DenseHead` over all n_f channels, a :class:`QPMHead` or a
+            :class:`SparseHead`.
         class_names: one readable name per class, n_c in all.
         metadata: JSON-serialisable facts saved with the model. The pipeline should set
             ``image_size_px``, ``data_mean`` and ``data_std`` (the input normalisation) and
             ``dataset``; they are written to the top level of the saved metadata.
 
     Raises:
-        TypeError: the head is neither a DenseHead nor a QPMHead.
+        TypeError: the head is not a DenseHead, QPMHead or SparseHead.
         ValueError: the head does not fit the backbone or the number of class names.
 
     Example:
@@ -75,8 +79,10 @@ class QPMModel(nn.Module):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head, (DenseHead, QPMHead)):
-            raise TypeError(f"head must be a DenseHead or a QPMHead, got {type(head).__name__}")
+        if not isinstance(head, (DenseHead, QPMHead, SparseHead)):
+            raise TypeError(
+                f"head must be a DenseHead, a QPMHead or a SparseHead, got {type(head).__name__}"
+            )
         names = list(class_names)
         if not all(isinstance(name, str) for name in names):
             raise ValueError("class_names must be strings")
@@ -89,10 +95,13 @@ class QPMModel(nn.Module):
                 f"DenseHead reads {head.n_features_in} features but backbone "
                 f"{backbone.name!r} has {backbone.n_features}"
             )
-        if isinstance(head, QPMHead) and int(head.selected_features.max()) >= backbone.n_features:
+        if (
+            isinstance(head, (QPMHead, SparseHead))
+            and int(head.selected_features.max()) >= backbone.n_features
+        ):
             raise ValueError(
-                f"QPMHead selects channel {int(head.selected_features.max())} but backbone "
-                f"{backbone.name!r} has only {backbone.n_features} channels"
+                f"{type(head).__name__} selects channel {int(head.selected_features.max())} but "
+                f"backbone {backbone.name!r} has only {backbone.n_features} channels"
             )
         self.backbone = backbone
         self.head = head
@@ -101,8 +110,13 @@ class QPMModel(nn.Module):
 
     @property
     def is_qpm(self) -> bool:
-        """Whether the head is a :class:`QPMHead`."""
+        """Whether the head is a :class:`QPMHead` (False for a sparse head)."""
         return isinstance(self.head, QPMHead)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the head is a :class:`SparseHead` (a sparse baseline's linear layer)."""
+        return isinstance(self.head, SparseHead)
 
     @property
     def n_classes(self) -> int:
@@ -121,7 +135,7 @@ class QPMModel(nn.Module):
         """Logits (B, n_c) from backbone maps, or with ``pre_logits`` the head's input (B, K).
 
         The head's input is what the class weights multiply: pooled features for a dense head,
-        normalised selected features for a QPM head (after dropout in training mode).
+        normalised selected features for a QPM or sparse head (after dropout in training mode).
         """
         if pre_logits:
             return self.head.pre_logits(feature_maps)
@@ -132,7 +146,10 @@ class QPMModel(nn.Module):
         return self.head(self.backbone(images))
 
     def class_weights(self) -> torch.Tensor:
-        """The (n_c, K) class-feature weights, detached (use ``head.weight`` for the live one)."""
+        """The (n_c, K) class-feature weights, detached (use ``head.weight`` for the live one).
+
+        For a sparse head these are the masked weights: exactly zero outside its pattern.
+        """
         return self.head.weight.detach()
 
     def to_qpm(
@@ -180,6 +197,20 @@ class QPMModel(nn.Module):
                 "n_features": self.head.n_features,
                 "n_per_class": self.head.n_per_class,
                 "dropout": self.head.dropout.p,
+                "selected_features": self.head.selected_features.tolist(),
+                "class_features": self.head.class_features,
+            }
+        elif isinstance(self.head, SparseHead):
+            head = {
+                "type": "sparse",
+                "n_features": self.head.n_features,
+                "dropout": self.head.dropout.p,
+                "has_bias": self.head.has_bias,
+                "train_normalisation": self.head.train_normalisation,
+                "train_weights": self.head.train_weights,
+                "train_bias": self.head.train_bias,
+                "is_ternary": self.head.is_ternary,
+                "n_nonzero": self.head.n_nonzero,
                 "selected_features": self.head.selected_features.tolist(),
                 "class_features": self.head.class_features,
             }
@@ -308,6 +339,64 @@ def qpm_from_dense(
     )
 
 
+def sparse_from_dense(
+    dense: QPMModel,
+    selected_features: ArrayLike,
+    feature_mean: ArrayLike,
+    feature_std: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    *,
+    dropout: float,
+    train_normalisation: bool,
+    train_weights: bool,
+    train_bias: bool,
+) -> QPMModel:
+    """A model with a :class:`SparseHead` on the dense model's backbone (a sparse baseline).
+
+    Unlike :func:`qpm_from_dense`, the statistics are those of the selected features only.
+
+    Args:
+        dense: the trained dense model; its backbone is shared (not copied).
+        selected_features: (K,) backbone channel ids, in head order.
+        feature_mean: (K,) mean of the pooled selected features, in head order.
+        feature_std: (K,) std of the pooled selected features, in head order.
+        weight: (n_c, K); its zeros are the sparsity pattern, kept through any training.
+        bias: (n_c,), or None for no bias.
+        dropout: dropout on the raw pooled features during fine-tuning.
+        train_normalisation: fine-tune the mean and std.
+        train_weights: fine-tune the nonzero weights.
+        train_bias: fine-tune the bias.
+
+    Returns:
+        A new :class:`QPMModel` with the same class names and a copy of the metadata; its head
+        sits on the backbone's device.
+
+    Raises:
+        ValueError: as :class:`SparseHead`, a selected feature outside the backbone, or a class
+            count that differs from the dense model's.
+    """
+    head = SparseHead(
+        selected_features,
+        feature_mean,
+        feature_std,
+        weight,
+        bias,
+        dropout=dropout,
+        train_normalisation=train_normalisation,
+        train_weights=train_weights,
+        train_bias=train_bias,
+    )
+    if head.n_classes != dense.n_classes:
+        raise ValueError(
+            f"weight has {head.n_classes} rows but the model has {dense.n_classes} classes"
+        )
+    head.to(_module_device(dense.backbone))
+    return QPMModel(
+        dense.backbone, head, class_names=dense.class_names, metadata=dict(dense.metadata)
+    )
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a saved openqpm model, without loading its tensors.
 
@@ -382,6 +471,8 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> QPMMo
                 tensors["head.class_feature_matrix"],
                 dropout=float(head_description["dropout"]),
             )
+        elif head_description["type"] == "sparse":
+            head = _sparse_head_from(tensors, head_description)
         elif head_description["type"] == "dense":
             head = DenseHead(
                 int(head_description["n_features_in"]),
@@ -400,6 +491,25 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> QPMMo
     except RuntimeError as error:
         raise ValueError(f"'{path}' tensors do not match its metadata: {error}") from error
     return model.to(map_location).eval()
+
+
+def _sparse_head_from(tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> SparseHead:
+    """The sparse head a saved model describes, with the saved tensors (pattern included)."""
+    has_bias = bool(description["has_bias"])
+    head = SparseHead(
+        tensors["head.selected_features"],
+        tensors["head.mean"],
+        tensors["head.std"],
+        tensors["head.weight_values"],
+        tensors["head.bias"] if has_bias else None,
+        dropout=float(description["dropout"]),
+        train_normalisation=bool(description["train_normalisation"]),
+        train_weights=bool(description["train_weights"]),
+        train_bias=bool(description["train_bias"]),
+    )
+    # A trained weight that reached exactly zero still belongs to the saved pattern, which
+    # load_state_dict then restores: the mask buffer is loaded with the other tensors.
+    return head
 
 
 def _module_device(module: nn.Module) -> torch.device:
