@@ -171,7 +171,6 @@ def test_sparse_head_trainability_follows_the_flags_with_stable_keys() -> None:
         ({"bias": [0.0, 1.0, float("inf"), 0.0]}, ValueError, "bias has non-finite"),
         ({"bias": None, "train_bias": True}, ValueError, "train_bias=True needs a bias"),
         ({"selected_features": [3, 3, 1, 2, 4]}, ValueError, "SparseHead selected_features has"),
-        ({"std": -torch.ones(5)}, ValueError, "SparseHead std must be >= 0"),
         ({"mean": torch.zeros(4)}, ValueError, r"SparseHead mean must have shape \(5,\)"),
         ({"train_weights": 1}, TypeError, "train_weights must be a bool"),
         ({"dropout": 1.0}, ValueError, "dropout"),
@@ -530,3 +529,17 @@ def test_report_lists_signed_weights_of_a_sparse_model(tmp_path: Path) -> None:
     assert explanation["classes"][0]["channels"] == [3, 17]  # by decreasing weight
     assert explanation["classes"][0]["weights"] == pytest.approx([0.8, -0.5])
     assert explanation["features"][4]["classes"] == []
+
+
+def test_a_trained_scale_through_zero_divides_by_its_magnitude() -> None:
+    """SGD may push a trainable std below zero: the head uses |std| (and loads such a file)."""
+    from openqpm.models.head import SparseHead
+
+    weight = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    maps = torch.rand(3, 4, 2, 2)
+    kwargs = {"dropout": 0.0, "train_normalisation": True}
+    positive = SparseHead([0, 2], torch.zeros(2), torch.tensor([0.5, 2.0]), weight, None, **kwargs)
+    negative = SparseHead([0, 2], torch.zeros(2), torch.tensor([-0.5, 2.0]), weight, None, **kwargs)
+    positive.eval()
+    negative.eval()
+    torch.testing.assert_close(positive(maps), negative(maps))

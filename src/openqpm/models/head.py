@@ -270,7 +270,10 @@ class SparseHead(nn.Module):
                 raise TypeError(f"SparseHead {name} must be a bool, got {flag!r}")
         selected = _check_selected(selected_features, "SparseHead")
         n_selected = selected.numel()
-        mean_tensor, std_tensor = _check_statistics(mean, std, n_selected, "SparseHead")
+        # a trained scale may cross zero: the head divides by its magnitude (see pre_logits)
+        mean_tensor, std_tensor = _check_statistics(
+            mean, std, n_selected, "SparseHead", signed=True
+        )
 
         weight_tensor = _as_tensor(weight, "weight", owner="SparseHead").float()
         if weight_tensor.dim() != 2 or weight_tensor.shape[1] != n_selected:
@@ -372,7 +375,8 @@ class SparseHead(nn.Module):
     def pre_logits(self, feature_maps: torch.Tensor) -> torch.Tensor:
         """Normalised selected features (B, K); dropout acts before the normalisation."""
         pooled = self.dropout(self.select_maps(feature_maps).mean(dim=(2, 3)))  # (B, K)
-        return (pooled - self.mean) / self.std.clamp(min=_MIN_STD)
+        # |std|: a trainable scale can be pushed through zero by SGD; its magnitude is the scale
+        return (pooled - self.mean) / self.std.abs().clamp(min=_MIN_STD)
 
     def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_c): the sparse linear map of the normalised features, plus the bias."""
@@ -415,9 +419,9 @@ def _check_selected(selected_features: ArrayLike, owner: str) -> torch.Tensor:
 
 
 def _check_statistics(
-    mean: ArrayLike, std: ArrayLike, n_selected: int, owner: str
+    mean: ArrayLike, std: ArrayLike, n_selected: int, owner: str, *, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean`` and ``std`` as finite (K,) float tensors, std >= 0."""
+    """``mean`` and ``std`` as finite (K,) float tensors, std >= 0 unless ``signed``."""
     mean_tensor = _as_tensor(mean, "mean", owner=owner).float()
     std_tensor = _as_tensor(std, "std", owner=owner).float()
     for field, tensor in (("mean", mean_tensor), ("std", std_tensor)):
@@ -429,7 +433,7 @@ def _check_statistics(
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{owner} {field} has non-finite values")
-    if (std_tensor < 0).any():
+    if not signed and (std_tensor < 0).any():
         raise ValueError(f"{owner} std must be >= 0")
     return mean_tensor, std_tensor
 

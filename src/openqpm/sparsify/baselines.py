@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from openqpm.sparsify.glm import fit_path, select_features, standardise
-from openqpm.sparsify.quantise import keep_largest, qsenn_bias, qsenn_entry, sldd_entry, ternary
 
 from openqpm.config import SparsifyConfig
+from openqpm.sparsify.glm import fit_path, select_features, standardise
+from openqpm.sparsify.quantise import keep_largest, qsenn_bias, qsenn_entry, sldd_entry, ternary
 
 __all__ = ["SparseLayer", "fit_sparse_layer", "select_columns"]
 
@@ -107,6 +107,10 @@ def fit_sparse_layer(
     """
     columns = np.arange(pooled.shape[1]) if selected is None else np.asarray(selected)
     standardised, mean, std = standardise(pooled[:, columns])  # (N, K)
+    n_keep = n_per_class * n_classes
+    # glm-saga5 and SLDD take an entry below a density cap: the path's denser tail (most of its
+    # time at CUB scale) is never used, so it stops once the cap is passed. Q-SENN takes the last.
+    cap = {"glm-saga5": n_keep, "sldd": 2 * n_keep}.get(method)
     path = fit_path(
         standardised,
         labels,
@@ -114,8 +118,8 @@ def fit_sparse_layer(
         alpha=config.fit_alpha,
         n_lambdas=config.n_lambdas,
         lambda_min_ratio=config.lambda_min_ratio,
+        stop=None if cap is None else (lambda entry: entry.n_nonzero > cap),
     )
-    n_keep = n_per_class * n_classes
     if method == "glm-saga5":
         # the densest entry with at most n_per_class weights per class on average
         fitting = [entry for entry in path if entry.n_nonzero <= n_keep]
