@@ -55,6 +55,7 @@ __all__ = [
     "stages_for",
 ]
 
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.
@@ -86,7 +87,6 @@ class Stage:
     method: str | None = None
     model: bool = False
     per_method: bool = False
-
 
 
 # The fields of the glm path fits the three baselines share.

@@ -54,7 +54,12 @@ class SparseLayer:
 
 
 def select_columns(
-    pooled: np.ndarray, labels: np.ndarray, *, n_classes: int, n_features: int, config: SparsifyConfig
+    pooled: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_classes: int,
+    n_features: int,
+    config: SparsifyConfig,
 ) -> np.ndarray:
     """The ``n_features`` channels SLDD and Q-SENN keep: the group-sparse path's first columns.
 
