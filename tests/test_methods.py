@@ -125,6 +125,8 @@ def test_compare_writes_the_table_for_every_method(
         assert set(entry["metrics"]) >= {"sid_at_5", "class_independence", "correlation"}
         assert entry["seeds"] == [0]
         assert f"| {method} |" in table
+    assert "<td>sldd</td>" in out.with_suffix(".html").read_text()
+    assert out.with_suffix(".md").read_text().strip() == table.strip()
     assert comparison["qsenn"]["weights_ternary"] is True
     assert comparison["qpm"]["weights_ternary"] is True  # binary: all nonzero weights equal
     assert comparison["sldd"]["features_per_class_max"]["mean"] >= 1
@@ -171,3 +173,21 @@ def test_ablation_switches_reach_the_problem(tiny_data: Path, tmp_path: Path) ->
     assert plain.stage_hashes["dense"] == stage_hash(auroc, "dense")  # one dense model for all
     with pytest.raises(openqpm.PipelineError, match="solver.class_measure"):
         openqpm.run(apply_overrides(base, {"solver.class_measure": "gini"}), tmp_path / "x")
+
+
+def test_train_runs_several_seeds_and_methods(tiny_data: Path, tmp_path: Path) -> None:
+    from openqpm.compare import compare
+    from openqpm.config import save_config
+
+    save_config(_config(tiny_data, "qpm"), tmp_path / "tiny.yaml")
+    run_dir = tmp_path / "runs"
+    argv = ["train", "--config", str(tmp_path / "tiny.yaml"), "--run-dir", str(run_dir)]
+    assert main([*argv, "--seeds", "0,1", "--method", "qpm,glm-saga5"]) == 0
+    for seed in (0, 1):
+        saved = load_config(run_dir / f"seed{seed}" / "config.yaml")
+        assert saved.seed == seed
+        assert (run_dir / f"seed{seed}" / "metrics_glm-saga5.json").is_file()
+        assert (run_dir / f"seed{seed}" / "metrics.json").is_file()
+    comparison = compare([run_dir])
+    assert comparison["qpm"]["seeds"] == [0, 1] and comparison["glm-saga5"]["seeds"] == [0, 1]
+    assert comparison["qpm"]["accuracy"]["std"] is not None

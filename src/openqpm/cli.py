@@ -448,7 +448,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from openqpm.compare import compare, markdown_table
+    from openqpm.compare import compare, html_table, markdown_table
 
     try:
         comparison = compare(args.run_dirs)
@@ -461,7 +461,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.out, json.dumps(comparison, indent=2))
         atomic_write_text(args.out.with_suffix(".md"), table + "\n")
-        print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+        atomic_write_text(args.out.with_suffix(".html"), html_table(comparison))
+        print(f"\nwrote {args.out} (and .md, .html beside it)", file=sys.stderr)
     return 0
 
 
@@ -605,7 +606,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "compare", help="the paper's table: every method and seed of the given run directories"
     )
     compare.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    compare.add_argument("--out", type=Path, help="comparison.json to write (and a .md beside)")
+    compare.add_argument(
+        "--out", type=Path, help="comparison.json to write (and its .md and .html tables beside)"
+    )
     compare.set_defaults(handler=_cmd_compare)
 
     sweep = commands.add_parser(

@@ -19,7 +19,14 @@ import numpy as np
 
 from openqpm.config import RunConfig, apply_overrides, load_config
 
-__all__ = ["COLUMNS", "MethodResult", "collect_results", "compare", "markdown_table"]
+__all__ = [
+    "COLUMNS",
+    "MethodResult",
+    "collect_results",
+    "compare",
+    "html_table",
+    "markdown_table",
+]
 
 # (key, header, scale): the paper's column order; fractions are shown in percent
 COLUMNS: tuple[tuple[str, str, float], ...] = (
@@ -191,11 +198,39 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         "| Method | Seeds | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
     ]
+    for method, n_seeds, cells in _rows(comparison):
+        lines.append(f"| {method} | {n_seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _rows(comparison: dict[str, Any]) -> list[tuple[str, int, list[str]]]:
+    rows = []
     for method, entry in comparison.items():
         n_seeds = len(entry["seeds"])
         cells = []
         for key, _, scale in COLUMNS:
             statistic = entry["metrics"][key] if key in _METRICS else entry[key]
             cells.append(_cell(statistic, scale, n_seeds))
-        lines.append(f"| {method} | {n_seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append((method, n_seeds, cells))
+    return rows
+
+
+def html_table(comparison: dict[str, Any], *, title: str = "Comparison") -> str:
+    """The comparison as a self-contained HTML page (the report's table of methods)."""
+    import html
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLUMNS)
+    body = "".join(
+        f"<tr><td>{html.escape(method)}</td><td>{n}</td>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+        + "</tr>"
+        for method, n, cells in _rows(comparison)
+    )
+    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><table>"
+        f"<tr><th>Method</th><th>Seeds</th>{header}</tr>{body}</table>"
+        "<p>Mean ± standard deviation over seeds; SID@5, Class-Independence, Contrastiveness, "
+        "Structural Grounding and Correlation in percent.</p></body></html>"
+    )
