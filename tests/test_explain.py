@@ -379,3 +379,14 @@ def test_local_explanation_figure(tmp_path) -> None:
         local_explanation_figure(
             image, local, class_names=["A", "B"], colors=colors, axes=figure.axes[:3]
         )
+
+
+def test_composite_overlay_of_no_feature_is_the_background() -> None:
+    """A sparse baseline's class can lose every weight: its composite is the image's background."""
+    from openqpm.explain.heatmaps import composite_overlay
+
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    empty = composite_overlay(image, np.zeros((0, 2, 2)), np.zeros((0, 3)))
+    zero_level = composite_overlay(image, np.zeros((1, 2, 2)), np.ones((1, 3)), scale_maxes=[1.0])
+    assert empty.dtype == np.uint8 and empty.shape == (8, 8, 3)
+    np.testing.assert_array_equal(empty, zero_level)

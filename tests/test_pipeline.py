@@ -147,3 +147,21 @@ def test_check_inputs_errors_name_the_problem(tiny_data: Path, tmp_path: Path) -
     (broken / "images.txt").write_text("1 a/missing.png\n")
     with pytest.raises(PipelineError, match="not usable"):
         check_inputs(apply_overrides(good, [f"data.root={broken}", "data.dataset=cub"]))
+
+
+def test_the_seed_fixes_the_dense_model(tiny_data: Path, tmp_path: Path) -> None:
+    """Two runs with one seed start from the same weights and end with the same dense model."""
+    from safetensors.numpy import load_file
+
+    config = _tiny_config(tiny_data)
+    for name in ("a", "b"):
+        run_pipeline(config, tmp_path / name, device=torch.device("cpu"), stages=("dense",))
+    first = load_file(str(tmp_path / "a" / "dense.safetensors"))
+    second = load_file(str(tmp_path / "b" / "dense.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    other = apply_overrides(config, ["seed=1"])
+    run_pipeline(other, tmp_path / "c", device=torch.device("cpu"), stages=("dense",))
+    third = load_file(str(tmp_path / "c" / "dense.safetensors"))
+    assert any(not np.array_equal(first[key], third[key]) for key in first)

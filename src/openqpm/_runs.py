@@ -224,8 +224,15 @@ def stage_dense(ctx: StageContext) -> dict[str, Any]:
     """Train the dense model (or take the pretrained one as it is with ``dense.skip``)."""
     from openqpm.models.build import dense_model_for
 
+    import torch
+
     config = ctx.config
-    model = dense_model_for(config.model, config.data, _datasets(ctx)["train"]).to(ctx.device)
+    train_set = _datasets(ctx)["train"]
+    # the initial weights are a function of the seed (the caller's random state is left as it was)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = dense_model_for(config.model, config.data, train_set)
+    model = model.to(ctx.device)
     if not config.dense.skip:
         _train(ctx, model, _schedule(ctx, config.dense))
     return _save_model(ctx, model)

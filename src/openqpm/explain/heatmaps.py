@@ -176,12 +176,15 @@ def composite_overlay(
         scale_maxes: (k,) full-brightness activation per feature; default each map's maximum.
 
     Returns:
-        (H, W, 3) uint8.
+        (H, W, 3) uint8; the image itself when there is no feature (k = 0: a sparse baseline's
+        class can lose every weight).
     """
     rgb = _as_rgb_array(image)
     maps = np.asarray(feature_maps, dtype=np.float32)
     if maps.ndim != 3 or len(colors) != len(maps):
         raise ValueError(f"need (k, h, w) maps and k colours, got {maps.shape} and {len(colors)}")
+    if len(maps) == 0:  # no feature is active anywhere: the background alone
+        return _blend(rgb, np.zeros(rgb.shape[:2]), rgb)
     levels = np.stack(
         [
             _levels(maps[i], rgb.shape[:2], None if scale_maxes is None else scale_maxes[i])
