@@ -222,9 +222,9 @@ def _save_model(ctx: StageContext, model: QPMModel) -> dict[str, Any]:
 
 def stage_dense(ctx: StageContext) -> dict[str, Any]:
     """Train the dense model (or take the pretrained one as it is with ``dense.skip``)."""
-    from openqpm.models.build import dense_model_for
-
     import torch
+
+    from openqpm.models.build import dense_model_for
 
     config = ctx.config
     train_set = _datasets(ctx)["train"]
@@ -472,78 +472,64 @@ def _layer_summary(layer: Any) -> dict[str, Any]:
     }
 
 
-def stage_glm_saga5(ctx: StageContext) -> dict[str, Any]:
-    """glm-saga5: a sparse layer on all features of the dense model; no fine-tuning."""
+def _fit_layer(
+    ctx: StageContext, method: str, pooled: np.ndarray, labels: np.ndarray, **options: Any
+) -> Any:
     from openqpm.sparsify.baselines import fit_sparse_layer
+
+    return fit_sparse_layer(
+        method,
+        pooled,
+        labels,
+        n_per_class=ctx.config.solver.n_per_class,
+        config=ctx.config.sparsify,
+        **options,
+    )
+
+
+def _selected_from_dense(ctx: StageContext) -> tuple[QPMModel, np.ndarray, np.ndarray, np.ndarray]:
+    """The dense model, its pooled training features and labels, and the selected channels."""
+    from openqpm.sparsify.baselines import select_columns
 
     dense = _load_model(ctx, "dense.safetensors")
     pooled, labels = _pooled_train_features(ctx, dense)
-    layer = fit_sparse_layer(
-        "glm-saga5",
+    selected = select_columns(
         pooled,
         labels,
-        selected=None,
         n_classes=dense.n_classes,
-        n_per_class=ctx.config.solver.n_per_class,
+        n_features=ctx.config.solver.n_features,
         config=ctx.config.sparsify,
     )
+    return dense, pooled, labels, selected
+
+
+def stage_glm_saga5(ctx: StageContext) -> dict[str, Any]:
+    """glm-saga5: a sparse layer on all features of the dense model; no fine-tuning."""
+    dense = _load_model(ctx, "dense.safetensors")
+    pooled, labels = _pooled_train_features(ctx, dense)
+    layer = _fit_layer(ctx, "glm-saga5", pooled, labels, selected=None, n_classes=dense.n_classes)
     model = _sparse_model(ctx, dense, layer, train="")
     return {**_layer_summary(layer), **_save_model(ctx, model)}
 
 
 def stage_sldd(ctx: StageContext) -> dict[str, Any]:
     """SLDD-Model: select, fit the sparse layer, fine-tune with its sparsity pattern fixed."""
-    from openqpm.sparsify.baselines import fit_sparse_layer, select_columns
-
-    config = ctx.config
-    dense = _load_model(ctx, "dense.safetensors")
-    pooled, labels = _pooled_train_features(ctx, dense)
-    selected = select_columns(
-        pooled,
-        labels,
-        n_classes=dense.n_classes,
-        n_features=config.solver.n_features,
-        config=config.sparsify,
-    )
-    layer = fit_sparse_layer(
-        "sldd",
-        pooled,
-        labels,
-        selected=selected,
-        n_classes=dense.n_classes,
-        n_per_class=config.solver.n_per_class,
-        config=config.sparsify,
-    )
+    dense, pooled, labels, selected = _selected_from_dense(ctx)
+    layer = _fit_layer(ctx, "sldd", pooled, labels, selected=selected, n_classes=dense.n_classes)
     model = _sparse_model(ctx, dense, layer, train="normalisation weights bias")
-    _train(ctx, model, _schedule(ctx, config.finetune))
+    _train(ctx, model, _schedule(ctx, ctx.config.finetune))
     return {**_layer_summary(layer), **_save_model(ctx, model)}
 
 
 def stage_qsenn(ctx: StageContext) -> dict[str, Any]:
     """Q-SENN: rounds of fit, ternary quantisation and fine-tuning on re-extracted features."""
-    from openqpm.sparsify.baselines import fit_sparse_layer, select_columns
-
     config, sparsify = ctx.config, ctx.config.sparsify
-    model = _load_model(ctx, "dense.safetensors")
-    pooled, labels = _pooled_train_features(ctx, model)
-    selected = select_columns(
-        pooled,
-        labels,
-        n_classes=model.n_classes,
-        n_features=config.solver.n_features,
-        config=sparsify,
-    )
+    model, pooled, labels, selected = _selected_from_dense(ctx)
     for round_index in range(sparsify.qsenn_rounds):
         if round_index > 0:
             pooled, labels = _pooled_train_features(ctx, model)
-        layer = fit_sparse_layer(
-            "qsenn",
-            pooled,
-            labels,
-            selected=selected,
-            n_classes=model.n_classes,
-            n_per_class=config.solver.n_per_class,
-            config=sparsify,
+        layer = _fit_layer(
+            ctx, "qsenn", pooled, labels, selected=selected, n_classes=model.n_classes
         )
         # the quantised layer is frozen; the normalisation is re-estimated and trained each round
         model = _sparse_model(ctx, model, layer, train="normalisation")
