@@ -1022,6 +1022,71 @@ class ConstantsReport:
         return asdict(self)
 
 
+def _check_choices(*, r_scaling: str, class_measure: str, bias: str | np.ndarray) -> None:
+    """Every name against its one list, before any work."""
+    if r_scaling not in R_SCALINGS:
+        raise ValueError(f"unknown r_scaling {r_scaling!r}; valid: {', '.join(R_SCALINGS)}")
+    if class_measure not in CLASS_MEASURES:
+        raise ValueError(
+            f"unknown class_measure {class_measure!r}; valid: {', '.join(CLASS_MEASURES)}"
+        )
+    if isinstance(bias, str) and bias not in BIAS_NAMES:
+        raise ValueError(f"unknown bias {bias!r}; valid: {', '.join(BIAS_NAMES)} or a vector")
+
+
+def _class_similarity(
+    feature_stats: FeatureStatistics,
+    class_measure: str,
+    pooled: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A (n_c, n_f) scaled to max |A| = 1, and the dead features."""
+    similarity, dead = class_feature_similarity(feature_stats)
+    if class_measure == "auroc":
+        similarity, dead = _auroc_similarity(feature_stats, pooled, labels, dead)
+    largest = float(np.abs(similarity).max())
+    if largest == 0:
+        raise ValueError("every feature is constant or uncorrelated with the classes: no problem")
+    return similarity / largest, dead
+
+
+def _penalties_and_start(
+    similarity: np.ndarray,
+    n_features: int,
+    *,
+    use_similarity: bool,
+    r_scaling: str,
+    seed: int,
+    timings: dict[str, float],
+) -> tuple[float | None, np.ndarray, int, list[int]]:
+    """``(eps, R, penalised pairs, start selection)``; without R nothing is thresholded."""
+    n_all = similarity.shape[1]
+    if not use_similarity:
+        # no Z_R: every set is compatible; start from the features most similar to some class
+        start_ids = np.argsort(-similarity.max(axis=0), kind="stable")[:n_features]
+        return None, np.zeros((n_all, n_all)), 0, sorted(int(d) for d in start_ids)
+    clock = time.perf_counter()
+    redundancy = feature_redundancy(similarity)
+    timings["redundancy_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    eps, clique = find_compatibility_threshold(redundancy, n_features, seed=seed)
+    timings["threshold_s"] = time.perf_counter() - clock
+    penalties, n_penalised = rescale_redundancy(redundancy, eps, scaling=r_scaling)
+    # the clique may be larger than needed: keep the members most similar to some class
+    usefulness = similarity[:, clique].max(axis=0)
+    start_ids = np.asarray(clique)[np.argsort(-usefulness, kind="stable")[:n_features]]
+    return eps, penalties, n_penalised, sorted(int(d) for d in start_ids)
+
+
+def _used_strength(bias_name: str, bias_strength: float) -> float:
+    """The bias strength that applies (the preset's, or none without a bias)."""
+    if bias_name == "center_paper":
+        return CENTER_PAPER_STRENGTH
+    if bias_name == "none":
+        return 0.0
+    return float(bias_strength)
+
+
 def build_problem(
     feature_stats: FeatureStatistics,
     map_stats: MapStatistics | None = None,
@@ -1086,50 +1151,25 @@ def build_problem(
         >>> float(np.abs(no_r.R).max()), report.eps, report.use_similarity
         (0.0, None, False)
     """
-    if r_scaling not in R_SCALINGS:
-        raise ValueError(f"unknown r_scaling {r_scaling!r}; valid: {', '.join(R_SCALINGS)}")
-    if class_measure not in CLASS_MEASURES:
-        raise ValueError(
-            f"unknown class_measure {class_measure!r}; valid: {', '.join(CLASS_MEASURES)}"
-        )
-    if isinstance(bias, str) and bias not in BIAS_NAMES:
-        raise ValueError(f"unknown bias {bias!r}; valid: {', '.join(BIAS_NAMES)} or a vector")
+    _check_choices(r_scaling=r_scaling, class_measure=class_measure, bias=bias)
     if n_features > feature_stats.n_features:
         raise ValueError(
             f"n_features={n_features} exceeds the {feature_stats.n_features} features available"
         )
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    similarity, dead = class_feature_similarity(feature_stats)
-    if class_measure == "auroc":
-        similarity, dead = _auroc_similarity(feature_stats, pooled, labels, dead)
-    largest = float(np.abs(similarity).max())
-    if largest == 0:
-        raise ValueError("every feature is constant or uncorrelated with the classes: no problem")
-    similarity = similarity / largest
+    similarity, dead = _class_similarity(feature_stats, class_measure, pooled, labels)
     timings["class_similarity_s"] = time.perf_counter() - clock
     if dead.size:
         _logger.warning("%d constant (dead) features get class similarity 0", dead.size)
-
-    eps: float | None = None
-    if use_similarity:
-        clock = time.perf_counter()
-        redundancy = feature_redundancy(similarity)
-        timings["redundancy_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        eps, clique = find_compatibility_threshold(redundancy, n_features, seed=seed)
-        timings["threshold_s"] = time.perf_counter() - clock
-        penalties, n_penalised = rescale_redundancy(redundancy, eps, scaling=r_scaling)
-        # the clique may be larger than needed: keep the members most similar to some class
-        usefulness = similarity[:, clique].max(axis=0)
-        start_ids = np.asarray(clique)[np.argsort(-usefulness, kind="stable")[:n_features]]
-    else:
-        # no Z_R: every set is compatible, so nothing to threshold
-        penalties = np.zeros((feature_stats.n_features, feature_stats.n_features))
-        n_penalised = 0
-        # start: the features most similar to some class
-        start_ids = np.argsort(-similarity.max(axis=0), kind="stable")[:n_features]
-    start = sorted(int(d) for d in start_ids)
+    eps, penalties, n_penalised, start = _penalties_and_start(
+        similarity,
+        n_features,
+        use_similarity=use_similarity,
+        r_scaling=r_scaling,
+        seed=seed,
+        timings=timings,
+    )
 
     clock = time.perf_counter()
     bias_vector = compute_bias(
@@ -1138,12 +1178,7 @@ def build_problem(
     timings["bias_s"] = time.perf_counter() - clock
 
     bias_name = bias if isinstance(bias, str) else "user"
-    if bias_name == "center_paper":
-        used_strength = CENTER_PAPER_STRENGTH
-    elif bias_name == "none":
-        used_strength = 0.0
-    else:
-        used_strength = float(bias_strength)
+    used_strength = _used_strength(bias_name, bias_strength)
     report = ConstantsReport(
         eps=eps,
         start_features=start,
