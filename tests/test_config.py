@@ -154,3 +154,40 @@ def test_non_utf8_config_file_is_one_clear_error(tmp_path: Path) -> None:
     path.write_bytes("data:\n  root: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(path)
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_every_shipped_configuration_trains_in_fp32(name: str) -> None:
+    assert RunConfig().amp is False  # the paper trains in fp32
+    assert load_config(name).amp is False
+
+
+def test_crop_defaults_to_the_data_set_s_own_setting() -> None:
+    from openqpm.data._registry import resolved_crop
+
+    assert RunConfig().data.crop is None
+    # the paper crops only the birds (and the synthetic set is made like them)
+    expected = {
+        "cub": True,
+        "travelingbirds": True,
+        "synthetic": True,
+        "cars": False,
+        "aircraft": False,
+        "imagenet": False,
+        "imagefolder": False,
+    }
+    assert {name: resolved_crop(name, None) for name in expected} == expected
+    assert resolved_crop("cub", False) is False and resolved_crop("cars", True) is True
+    # hashes read the value as written: null and true are two configurations
+    cropped = apply_overrides(RunConfig(), ["data.crop=true"])
+    assert stage_hash(RunConfig(), "dense") != stage_hash(cropped, "dense")
+    assert apply_overrides(cropped, ["data.crop=null"]).data.crop is None
+
+
+def test_the_imagenet_configuration_is_the_paper_s_recipe() -> None:
+    config = load_config("imagenet_resnet50")
+    assert config.dense.skip and config.model.reduced_strides is False
+    assert config.data.augment == "imagenet" and config.data.batch_size == 64
+    assert config.finetune.lr_backbone == pytest.approx(
+        load_config("cub_resnet50").finetune.lr_backbone / 100
+    )

@@ -117,3 +117,63 @@ def test_light_augmentation_drops_only_trivial_augment() -> None:
     assert [t for t in paper if t is not T.TrivialAugmentWide] == light
     with pytest.raises(ValueError, match="augment"):
         build_transforms(train=True, augment="heavy", **kwargs)
+
+
+def test_imagenet_recipe_is_random_resized_crop_and_lighting() -> None:
+    from openqpm.data.transforms import AUGMENTATIONS, Lighting
+
+    assert "imagenet" in AUGMENTATIONS
+    kwargs = {"image_size_px": 32, "mean": MEAN, "std": STD, "augment": "imagenet"}
+    # the recipe sets the geometry itself: squash (box-cropped birds) changes nothing
+    for squash in (True, False):
+        train = build_transforms(train=True, squash=squash, **kwargs)
+        kinds = [type(step) for step in train.transforms]
+        assert kinds == [
+            T.RandomResizedCrop,
+            T.RandomHorizontalFlip,
+            T.ColorJitter,
+            T.ToTensor,
+            Lighting,
+            T.Normalize,
+        ]
+        assert train.transforms[0].size == (32, 32)
+        test = build_transforms(train=False, squash=squash, **kwargs)
+        assert [type(step) for step in test.transforms] == [
+            T.Resize,
+            T.CenterCrop,
+            T.ToTensor,
+            T.Normalize,
+        ]
+        assert test.transforms[0].size == 37  # round(32 * 256 / 224): shorter side
+        assert test.transforms[1].size == (32, 32)
+    output = build_transforms(train=True, squash=False, **kwargs)(Image.new("RGB", (50, 30)))
+    assert output.shape == (3, 32, 32)
+    # 224 px: the reference code's Resize(256) + CenterCrop(224)
+    test_224 = build_transforms(train=False, squash=False, **{**kwargs, "image_size_px": 224})
+    assert test_224.transforms[0].size == 256 and test_224.transforms[1].size == (224, 224)
+
+
+def test_lighting_adds_one_pca_colour_offset_drawn_from_torch() -> None:
+    from openqpm.data.transforms import (
+        IMAGENET_PCA_EIGENVALUES,
+        IMAGENET_PCA_EIGENVECTORS,
+        Lighting,
+    )
+
+    image = torch.rand(3, 5, 4)
+    torch.manual_seed(7)
+    shifted = Lighting(0.1)(image)
+    torch.manual_seed(7)
+    alpha = torch.randn(3) * 0.1
+    vectors = torch.tensor(IMAGENET_PCA_EIGENVECTORS)
+    values = torch.tensor(IMAGENET_PCA_EIGENVALUES)
+    # channel i moves by sum_j vectors[i, j] * alpha[j] * values[j], the same at every pixel
+    offset = torch.stack(
+        [sum(vectors[i, j] * alpha[j] * values[j] for j in range(3)) for i in range(3)]
+    )
+    torch.testing.assert_close(shifted - image, offset.view(3, 1, 1).expand(3, 5, 4))
+    assert not torch.equal(shifted, image)
+    assert Lighting(0.0)(image) is image
+    assert "alphastd=0.05" in repr(Lighting())  # the reference code's ImageNet value
+    with pytest.raises(ValueError, match="alphastd"):
+        Lighting(-1.0)

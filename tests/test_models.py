@@ -547,3 +547,84 @@ def test_swin_without_final_norm_round_trips(tmp_path: Path) -> None:
         assert torch.equal(loaded(images), model(images))
     with pytest.raises(ValueError, match="takes no options"):
         create_backbone("tiny_cnn").set_options(final_norm=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the dense model of a run
+
+
+class _TrainSet:
+    """What dense_model_for reads of a training set."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+        self.class_names = [f"class {i}" for i in range(n_classes)]
+        self.mean_std = ((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+        self.crop = False
+
+
+def _resnet18_with_classes(tmp_path: Path, n_classes: int) -> tuple[Path, dict]:
+    network = torchvision.models.resnet18(weights=None, num_classes=n_classes)
+    state = {f"module.{key}": value for key, value in network.state_dict().items()}  # DataParallel
+    path = tmp_path / f"resnet18-{n_classes}.pth"
+    torch.save(state, path)
+    return path, network.state_dict()
+
+
+def test_the_dense_head_is_the_file_s_classifier_when_its_classes_fit(tmp_path: Path) -> None:
+    from openqpm.config import DataConfig, ModelConfig
+    from openqpm.models.build import dense_model_for
+
+    path, state = _resnet18_with_classes(tmp_path, 3)
+    weight, bias = create_backbone("resnet18").read_classifier(path) or (None, None)
+    assert torch.equal(weight, state["fc.weight"]) and torch.equal(bias, state["fc.bias"])
+    model_config = ModelConfig(arch="resnet18", weights=str(path), reduced_strides=False)
+    data_config = DataConfig(dataset="imagenet")
+    model = dense_model_for(model_config, data_config, _TrainSet(3), require_pretrained_head=True)
+    assert torch.equal(model.head.linear.weight, state["fc.weight"])
+    assert torch.equal(model.head.linear.bias, state["fc.bias"])
+    assert model.metadata["crop"] is False and model.metadata["augment"] == "paper"
+
+
+def test_a_classifier_that_does_not_fit_is_named_in_a_warning_or_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from openqpm.config import DataConfig, ModelConfig
+    from openqpm.models.build import PretrainedHeadError, dense_model_for
+
+    path, state = _resnet18_with_classes(tmp_path, 5)
+    model_config = ModelConfig(arch="resnet18", weights=str(path))
+    data_config = DataConfig(dataset="cub")
+    with caplog.at_level("WARNING", logger="openqpm.models.build"):
+        model = dense_model_for(model_config, data_config, _TrainSet(3))
+    assert model.head.linear.weight.shape == (3, 512)
+    assert "resnet18-5.pth" in caplog.text and "5 classes" in caplog.text and "has 3" in caplog.text
+    with pytest.raises(
+        PretrainedHeadError, match=r"dense\.skip.*resnet18-5\.pth.*5 classes.*has 3"
+    ):
+        dense_model_for(model_config, data_config, _TrainSet(3), require_pretrained_head=True)
+    # a file without a classifier, and no file at all
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, headless)
+    headless_config = ModelConfig(arch="resnet18", weights=str(headless))
+    with pytest.raises(PretrainedHeadError, match=r"headless\.pth.*no classifier \(fc\.weight"):
+        dense_model_for(headless_config, data_config, _TrainSet(3), require_pretrained_head=True)
+    with pytest.raises(PretrainedHeadError, match="model.weights is null"):
+        dense_model_for(
+            ModelConfig(arch="resnet18"), data_config, _TrainSet(3), require_pretrained_head=True
+        )
+
+
+def test_swin_drops_its_final_layer_norm_after_dense_training() -> None:
+    swin = create_backbone("swin_t")
+    assert swin.dense_training_changes() == {"final_norm": False}
+    assert swin.after_dense_training() == {"final_norm": False}
+    assert swin.options() == {"final_norm": False} and isinstance(swin.norm, torch.nn.Identity)
+    assert swin.after_dense_training() == {}  # once
+    # the other families keep their architecture, and have no classifier for their maps but fc
+    tiny = create_backbone("tiny_cnn")
+    assert tiny.after_dense_training() == {} and tiny.options() == {}
+    assert swin.classifier_keys is None and create_backbone("resnet18").classifier_keys == (
+        "fc.weight",
+        "fc.bias",
+    )

@@ -104,27 +104,31 @@ def _datasets(ctx: StageContext) -> dict[str, ImageDataset]:
     if "datasets" in ctx.cache:
         return dict(ctx.cache["datasets"])
     from openqpm.data import build_transforms, create_dataset, resize_squashes
+    from openqpm.data._registry import resolved_crop
 
     data = ctx.config.data
     if not data.root:
         raise PipelineError("data.root is empty: pass --data-root PATH (the data set folder)")
-    train = create_dataset(data.dataset, data.root, "train", crop=data.crop)
-    train_eval = create_dataset(data.dataset, data.root, "train", crop=data.crop)
-    test = create_dataset(data.dataset, data.root, "test", crop=data.crop)
+    crop = resolved_crop(data.dataset, data.crop)
+    train = create_dataset(data.dataset, data.root, "train", crop=crop)
+    train_eval = create_dataset(data.dataset, data.root, "train", crop=crop)
+    test = create_dataset(data.dataset, data.root, "test", crop=crop)
     if train.n_classes != test.n_classes:
         raise PipelineError(
             f"{data.root}: the train split has {train.n_classes} classes, "
             f"the test split {test.n_classes}"
         )
     mean, std = train.mean_std
-    squash = resize_squashes(data.dataset, bool(getattr(train, "crop", data.crop)))
-    size = data.image_size_px
-    train.transform = build_transforms(
-        train=True, image_size_px=size, mean=mean, std=std, squash=squash, augment=data.augment
-    )
-    test_transform = build_transforms(
-        train=False, image_size_px=size, mean=mean, std=std, squash=squash
-    )
+    squash = resize_squashes(data.dataset, bool(getattr(train, "crop", crop)))
+    options: dict[str, Any] = {
+        "image_size_px": data.image_size_px,
+        "mean": mean,
+        "std": std,
+        "squash": squash,
+        "augment": data.augment,  # also picks the test transform (imagenet: resize 256/224)
+    }
+    train.transform = build_transforms(train=True, **options)
+    test_transform = build_transforms(train=False, **options)
     train_eval.transform = test_transform
     test.transform = test_transform
     ctx.cache["datasets"] = {"train": train, "train_eval": train_eval, "test": test}
@@ -221,21 +225,41 @@ def _save_model(ctx: StageContext, model: QPMModel) -> dict[str, Any]:
 
 
 def stage_dense(ctx: StageContext) -> dict[str, Any]:
-    """Train the dense model (or take the pretrained one as it is with ``dense.skip``)."""
+    """Train the dense model (or take the pretrained one as it is with ``dense.skip``).
+
+    With ``dense.skip`` the pretrained classifier of ``model.weights`` is the dense head; a file
+    without one that fits the data set's classes stops the stage before any work. After
+    training, the backbone changes as the paper prescribes for its architecture
+    (:meth:`~openqpm.models.backbones.Backbone.after_dense_training`: Swin drops its final
+    LayerNorm); the saved dense model, which every later stage reads, is the changed one, and
+    the summary then also gives the test accuracy before the change.
+    """
     import torch
 
-    from openqpm.models.build import dense_model_for
+    from openqpm.models.build import PretrainedHeadError, dense_model_for
 
     config = ctx.config
     train_set = _datasets(ctx)["train"]
     # the initial weights are a function of the seed (the caller's random state is left as it was)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = dense_model_for(config.model, config.data, train_set)
+        try:
+            model = dense_model_for(
+                config.model, config.data, train_set, require_pretrained_head=config.dense.skip
+            )
+        except PretrainedHeadError as error:
+            raise PipelineError(str(error)) from None
     model = model.to(ctx.device)
     if not config.dense.skip:
         _train(ctx, model, _schedule(ctx, config.dense))
-    return _save_model(ctx, model)
+    summary: dict[str, Any] = {}
+    if model.backbone.dense_training_changes():
+        from openqpm.training import evaluate_accuracy
+
+        before = evaluate_accuracy(model, _loader(ctx, "test", train=False), device=ctx.device)
+        summary["backbone_changed"] = model.backbone.after_dense_training()
+        summary["test_accuracy_before_change_percent"] = round(100.0 * before, 2)
+    return {**summary, **_save_model(ctx, model)}
 
 
 def stage_finetune(ctx: StageContext) -> dict[str, Any]:

@@ -195,6 +195,8 @@ def _input_transform(model: QPMModel) -> Any:
         mean=metadata["data_mean"],
         std=metadata["data_std"],
         squash=squash,
+        # the test transform follows the recipe (ImageNet: resize to 256/224 of the side, crop)
+        augment=str(metadata.get("augment", "paper")),
     )
 
 

@@ -60,9 +60,15 @@ class DataConfig:
 
     dataset: str = "cub"  # a name from openqpm.data.dataset_names()
     root: str = ""  # the data set folder (see README for each layout)
-    crop: bool = True  # crop to the ground-truth box where the set has boxes (CUB, Cars, ...)
+    # crop to the ground-truth box (where the set has boxes); None = the data set's default,
+    # resolved per data set (openqpm.data._registry.resolved_crop): on for CUB, TravelingBirds and
+    # the synthetic set, off for Cars, Aircraft, ImageNet and folders, as the paper runs them.
+    # Stage hashes read the value as written here, so null and its resolved value hash apart.
+    crop: bool | None = None
     image_size_px: int = 224  # side of the square network input
-    augment: str = "paper"  # paper: flip, jitter, TrivialAugmentWide | light: flip, jitter
+    # paper: flip, jitter, TrivialAugmentWide | light: flip, jitter | imagenet: random resized
+    # crop, flip, jitter, PCA lighting; test resize 256/224 + centre crop (openqpm.data.transforms)
+    augment: str = "paper"
     batch_size: int = 16  # per process; the paper uses 16 for fine-grained sets, 64 for ImageNet
     num_workers: int = 4  # DataLoader worker processes
 
@@ -84,7 +90,9 @@ class ModelConfig:
 class DenseConfig:
     """Dense training with the feature diversity loss (paper App. C; reference code values)."""
 
-    skip: bool = False  # use the (pretrained) backbone as the dense model, as for ImageNet
+    # no dense training: the pretrained model (backbone and classifier from model.weights) is
+    # the dense model, as the paper does for ImageNet; the file's classifier must fit the classes
+    skip: bool = False
     epochs: int = 150
     lr_backbone: float = 5e-3
     lr_head: float = 1e-2
@@ -152,7 +160,10 @@ class RunConfig:
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     seed: int = 0  # seeds data order, initialisation, the solver and the metrics
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision (CUDA only)
+    # mixed precision (CUDA only). Off by default: the paper trains in fp32, and autocast changes
+    # the numbers (the trained weights, hence the features the solver reads), so only fp32 runs
+    # are comparable to the paper's; turn it on for speed, not for reproductions.
+    amp: bool = False
     report_max_classes: int | None = None  # limit the HTML report to the first N classes
 
 

@@ -6,11 +6,18 @@ the streaming accumulators of :mod:`openqpm.constants`. Nothing per image is kep
 (``keep_pooled=True`` keeps the pooled features, N x n_f float32), so the memory does not grow with
 the data set.
 
-The pipeline passes a loader over the *training* images with the *test* transforms (the QP
-constants and the QPM head's normalisation are computed on un-augmented images, as the reference
-code does). Under ``torch.distributed`` every rank reads its own shard of the data set and the
-statistics are summed across ranks; the result equals a single-process pass up to floating-point
-summation order.
+The pipeline passes a loader over the *training* images with the *test* transforms: every QP
+constant (A, R and the locality bias b) and the QPM head's normalisation come from this one pass
+over un-augmented images. For A, R and the normalisation the reference code does the same. Its b
+differs (spec §2.3): it runs three further passes with the *training* augmentation active, each
+drawing other random views of the images, and pairs their results by index. We compute b from
+the same un-augmented pass on purpose: one pass instead of three, the same result on every
+rerun, and statistics of the very views A and the normalisation describe. So our b is not the
+reference code's number for number.
+
+Under ``torch.distributed`` every rank reads its own shard of the data set and the statistics are
+summed across ranks; the result equals a single-process pass up to floating-point summation
+order.
 
 Example:
     >>> fp = extract_features(model, loader, device="cpu", keep_pooled=False)

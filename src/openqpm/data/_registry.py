@@ -25,6 +25,7 @@ __all__ = [
     "dataset_spec",
     "register_dataset",
     "resize_squashes",
+    "resolved_crop",
 ]
 
 Loader = Callable[..., ImageDataset]
@@ -58,6 +59,10 @@ class DatasetSpec:
         squash_when_cropped: images cropped to their box are resized to a square without
             keeping the aspect ratio (squashed), as the reference code does for the birds; the
             others are resized by their shorter side and centre-cropped.
+        crop_by_default: whether a run crops the images to their ground-truth box when its
+            configuration leaves ``data.crop`` null (see :func:`resolved_crop`). The
+            paper crops CUB-200-2011 and TravelingBirds (and the synthetic set is made like
+            them); Stanford Cars, FGVC-Aircraft, ImageNet and plain folders are not cropped.
     """
 
     name: str
@@ -67,6 +72,7 @@ class DatasetSpec:
     description: str
     priority: int
     squash_when_cropped: bool = False
+    crop_by_default: bool = False
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -81,6 +87,7 @@ def register_dataset(
     description: str,
     priority: int = 100,
     squash_when_cropped: bool = False,
+    crop_by_default: bool = False,
 ) -> Callable[[Loader], Loader]:
     """Register a loader under ``name`` (decorator).
 
@@ -91,6 +98,8 @@ def register_dataset(
         description: one line describing the expected layout.
         priority: detection order, lowest first (built-in layouts use 10 to 90).
         squash_when_cropped: box-cropped images are squashed to a square (see
+            :class:`DatasetSpec`).
+        crop_by_default: runs crop to the box unless configured otherwise (see
             :class:`DatasetSpec`).
 
     Returns:
@@ -117,6 +126,7 @@ def register_dataset(
             description,
             priority,
             squash_when_cropped=squash_when_cropped,
+            crop_by_default=crop_by_default,
         )
         return loader
 
@@ -169,6 +179,30 @@ def resize_squashes(name: str, crop: bool) -> bool:
         (True, False)
     """
     return dataset_spec(name).squash_when_cropped and bool(crop)
+
+
+def resolved_crop(name: str, crop: bool | None) -> bool:
+    """Whether a run crops the images of data set ``name`` to their ground-truth box.
+
+    ``data.crop`` of a configuration, with None meaning the data set's own default
+    (:attr:`DatasetSpec.crop_by_default`: on for CUB-200-2011, TravelingBirds and the synthetic
+    set, as in the paper; off for the others). The one place that decides it: the pipeline's
+    data sets and the saved model's metadata both ask here.
+
+    Args:
+        name: a registered data set name.
+        crop: the configured value; None for the data set's default.
+
+    Raises:
+        DatasetError: unknown name; the message lists the valid ones.
+
+    Example:
+        >>> resolved_crop("cub", None), resolved_crop("cars", None), resolved_crop("cub", False)
+        (True, False, False)
+    """
+    if crop is None:
+        return dataset_spec(name).crop_by_default
+    return bool(crop)
 
 
 def create_dataset(

@@ -568,6 +568,7 @@ def _detect_cub(root: Path) -> bool:
     description="CUB-200-2011: CUB_200_2011/{images.txt, classes.txt, ..., images/}",
     priority=30,
     squash_when_cropped=True,
+    crop_by_default=True,
 )
 def _load_cub(
     root: Path,

@@ -57,6 +57,7 @@ def _validate_synthetic(root: Path) -> FolderReport:
     description="the embedded part-based set (openqpm data make-synthetic), CUB layout",
     priority=10,
     squash_when_cropped=True,
+    crop_by_default=True,
 )
 def _load_synthetic(
     root: Path,

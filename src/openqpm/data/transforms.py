@@ -5,6 +5,11 @@ square for box-cropped birds, otherwise shorter side + random crop with 4 px zer
 random horizontal flip, colour jitter 0.1 (brightness, contrast, saturation; no hue),
 TrivialAugmentWide, tensor, normalisation with the data set's own mean/std. Test: the same resize
 (centre crop instead of the random one), tensor, normalisation.
+
+ImageNet recipe (``augment="imagenet"``; paper App. C.A, spec §1.8): random resized crop,
+horizontal flip, colour jitter 0.1, tensor, PCA lighting noise (:class:`Lighting`),
+normalisation; test: resize the shorter side to 256/224 of the output side, centre crop, tensor,
+normalisation.
 """
 
 from __future__ import annotations
@@ -13,13 +18,22 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torchvision import transforms as T
 
 from openqpm.data._base import IMAGENET_MEAN_STD, ImageDataset, MeanStd
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["AUGMENTATIONS", "DATASET_STATS", "build_transforms", "compute_mean_std"]
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASET_STATS",
+    "IMAGENET_PCA_EIGENVALUES",
+    "IMAGENET_PCA_EIGENVECTORS",
+    "Lighting",
+    "build_transforms",
+    "compute_mean_std",
+]
 
 # Per-channel (mean, std) of each data set, as in the reference code's dataset parameters
 # (spec §6). The synthetic set stores its own statistics in openqpm_synthetic.json.
@@ -33,10 +47,74 @@ DATASET_STATS: dict[str, MeanStd] = {
 
 _JITTER = 0.1  # brightness, contrast and saturation jitter of the reference code
 _PADDING_PX = 4  # zero padding of the random crop
+# ImageNet test transform: the shorter side is resized to 256 px for a 224 px centre crop
+_RESIZE_RATIO = 256 / 224
+# Standard deviation of the lighting noise of the reference code's ImageNet recipe (0.05; the
+# original AlexNet-style recipes use 0.1).
+_LIGHTING_STD = 0.05
+# The principal components of ImageNet's RGB pixel values in [0, 1]: eigenvalues and the
+# eigenvectors as columns (row i is channel i), the values every ImageNet lighting recipe uses.
+IMAGENET_PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGENVECTORS = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
 
 # the names ``build_transforms(augment=...)`` accepts (``data.augment`` in a configuration)
-AUGMENTATIONS = ("paper", "light")
+AUGMENTATIONS = ("paper", "light", "imagenet")
+
+
+class Lighting:
+    """PCA lighting noise (AlexNet): shift every pixel by a random mix of the colour components.
+
+    Draws ``alpha ~ N(0, alphastd)`` for each of the three principal components and adds the
+    same RGB offset ``eigenvectors @ (alpha * eigenvalues)`` to every pixel. It acts on a
+    ``(3, H, W)`` float tensor with values in [0, 1] (after ``ToTensor``, before ``Normalize``,
+    as the reference code applies it; the components are those of [0, 1] pixel values). The
+    draw uses torch's global random generator, which the data loader seeds per worker and epoch.
+
+    Args:
+        alphastd: standard deviation of the component weights; 0 returns the input unchanged.
+        eigenvalues: (3,) variances of the principal components.
+        eigenvectors: (3, 3), component ``j`` in column ``j``, channel ``i`` in row ``i``.
+
+    Raises:
+        ValueError: a negative ``alphastd`` or components of the wrong shape.
+
+    Example:
+        >>> Lighting(0.1)(torch.full((3, 2, 2), 0.5)).shape
+        torch.Size([3, 2, 2])
+    """
+
+    def __init__(
+        self,
+        alphastd: float = _LIGHTING_STD,
+        eigenvalues: Sequence[float] = IMAGENET_PCA_EIGENVALUES,
+        eigenvectors: Sequence[Sequence[float]] = IMAGENET_PCA_EIGENVECTORS,
+    ) -> None:
+        if not float(alphastd) >= 0:
+            raise ValueError(f"alphastd must be >= 0, got {alphastd}")
+        self.alphastd = float(alphastd)
+        self.eigenvalues = torch.tensor(eigenvalues, dtype=torch.float32)  # (3,)
+        self.eigenvectors = torch.tensor(eigenvectors, dtype=torch.float32)  # (3, 3)
+        if self.eigenvalues.shape != (3,) or self.eigenvectors.shape != (3, 3):
+            raise ValueError(
+                "Lighting needs 3 eigenvalues and 3x3 eigenvectors, got shapes "
+                f"{tuple(self.eigenvalues.shape)} and {tuple(self.eigenvectors.shape)}"
+            )
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (3, H, W) plus one random RGB offset; a new tensor."""
+        if self.alphastd == 0:
+            return image
+        alpha = torch.randn(3) * self.alphastd  # (3,) weights of the components
+        offset = self.eigenvectors @ (alpha * self.eigenvalues)  # (3,) RGB shift
+        return image + offset.to(image.dtype).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alphastd={self.alphastd})"
 
 
 def build_transforms(
@@ -57,11 +135,14 @@ def build_transforms(
         std: per-channel standard deviation used for normalisation.
         squash: resize to a square ignoring the aspect ratio (box-cropped birds); otherwise
             resize the shorter side and crop the square (random crop with padding when training,
-            centre crop when testing).
-        augment: training augmentation: ``"paper"`` (flip, colour jitter 0.1, TrivialAugmentWide,
-            as the reference code) or ``"light"`` (flip and colour jitter only: for data whose
-            classes are defined by small colour cues, such as the embedded data set, which
-            TrivialAugment's colour operations would erase). Ignored for the test transform.
+            centre crop when testing). Ignored by ``augment="imagenet"``.
+        augment: the recipe: ``"paper"`` (flip, colour jitter 0.1, TrivialAugmentWide, as the
+            reference code's fine-grained recipe), ``"light"`` (flip and colour jitter only: for
+            data whose classes are defined by small colour cues, such as the embedded data set,
+            which TrivialAugment's colour operations would erase), both with the same test
+            transform; or ``"imagenet"`` (the reference code's ImageNet recipe: random resized
+            crop, flip, colour jitter 0.1, :class:`Lighting`; test: shorter side resized to
+            ``round(image_size_px * 256 / 224)``, centre crop).
 
     Returns:
         A transform producing float tensors of shape ``(3, image_size_px, image_size_px)``.
@@ -82,6 +163,9 @@ def build_transforms(
     if any(float(value) <= 0 for value in std):
         raise ValueError(f"std must be positive in every channel, got {list(std)}")
     size = int(image_size_px)
+    normalise = T.Normalize([float(value) for value in mean], [float(value) for value in std])
+    if augment == "imagenet":
+        return _imagenet_transform(train=train, size=size, normalise=normalise)
     steps: list[object]
     if squash:
         steps = [T.Resize((size, size))]
@@ -96,11 +180,25 @@ def build_transforms(
         ]
         if augment == "paper":
             steps.append(T.TrivialAugmentWide())
-    steps += [
-        T.ToTensor(),
-        T.Normalize([float(value) for value in mean], [float(value) for value in std]),
-    ]
+    steps += [T.ToTensor(), normalise]
     return T.Compose(steps)
+
+
+def _imagenet_transform(*, train: bool, size: int, normalise: T.Normalize) -> T.Compose:
+    """The reference code's ImageNet recipe (spec §1.8), with the normalisation it left out."""
+    if not train:
+        resize = round(size * _RESIZE_RATIO)
+        return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalise])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=_JITTER, contrast=_JITTER, saturation=_JITTER),
+            T.ToTensor(),
+            Lighting(_LIGHTING_STD),
+            normalise,
+        ]
+    )
 
 
 def compute_mean_std(dataset: ImageDataset, *, max_images: int | None = None) -> MeanStd:

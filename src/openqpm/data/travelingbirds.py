@@ -142,6 +142,7 @@ def _split_rows(
     description="TravelingBirds: CUB_fixed/{train,test}/<class>/<file> + CUB_200_2011 beside",
     priority=20,
     squash_when_cropped=True,
+    crop_by_default=True,
 )
 def load_travelingbirds(
     root: Path,

@@ -57,6 +57,11 @@ class Backbone(nn.Module):
         weights_hint: the pretrained file a user would normally pass, and where to get it.
         ignored_weight_prefixes: checkpoint keys under these prefixes (classifiers) are skipped
             when loading weights.
+        classifier_keys: the ``(weight, bias)`` keys of the published linear classifier in a
+            weights file when that classifier reads this backbone's pooled maps as they are
+            (ResNets, Inception-v3: ``fc``), so it can serve as the dense head
+            (:meth:`read_classifier`); None otherwise (Swin's and ConvNeXt's classifiers read
+            their features before the ReLU these backbones add).
     """
 
     name: str = ""
@@ -66,6 +71,7 @@ class Backbone(nn.Module):
     reduced_strides: bool = False
     weights_hint: str = "no published weights: train from scratch"
     ignored_weight_prefixes: tuple[str, ...] = ()
+    classifier_keys: tuple[str, str] | None = None
 
     def options(self) -> dict[str, Any]:
         """Construction options beyond name and strides that a saved model must restore.
@@ -86,6 +92,55 @@ class Backbone(nn.Module):
                 f"backbone {self.name!r} takes no options, got {sorted(options)}; "
                 "the file was probably written by a newer openqpm"
             )
+
+    def dense_training_changes(self) -> dict[str, Any]:
+        """The options :meth:`after_dense_training` would set now; empty for most backbones."""
+        return {}
+
+    def after_dense_training(self) -> dict[str, Any]:
+        """Change the architecture as the paper does once dense training is over.
+
+        Nothing for most backbones; the Swin transformers drop their final LayerNorm (paper
+        App. C). The change goes through :meth:`set_options`, so a saved model reloads with it.
+
+        Returns:
+            The options changed (empty when nothing changed).
+        """
+        changes = self.dense_training_changes()
+        if changes:
+            self.set_options(**changes)
+        return changes
+
+    def read_classifier(self, weights_path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The published linear classifier in a weights file, to use as the dense head.
+
+        Reads the file as :meth:`load_weights` does (``.safetensors`` or a weights-only torch
+        state dict, ``module.`` prefixes stripped) and returns the tensors under
+        :attr:`classifier_keys` as they are; the caller checks their shapes.
+
+        Args:
+            weights_path: the file.
+
+        Returns:
+            ``(weight, bias)``, normally of shapes (n_c, n_f) and (n_c,); None when this
+            backbone has no classifier that reads its maps as they are, or the file has none.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: the file is not a state dict.
+        """
+        if self.classifier_keys is None:
+            return None
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file '{path}' not found")
+        state = {
+            key.removeprefix("module."): value for key, value in _read_state_dict(path).items()
+        }
+        weight_key, bias_key = self.classifier_keys
+        if weight_key not in state or bias_key not in state:
+            return None
+        return state[weight_key], state[bias_key]
 
     def check_image_size(self, image_size_px: int) -> None:
         """Fail early when images of this side length cannot go through the backbone.
@@ -366,6 +421,7 @@ class ResNetBackbone(Backbone):
     """
 
     ignored_weight_prefixes = ("fc.",)
+    classifier_keys = ("fc.weight", "fc.bias")
 
     def __init__(self, name: str, *, reduced_strides: bool = False) -> None:
         super().__init__()
@@ -450,6 +506,7 @@ class InceptionV3Backbone(Backbone):
     """
 
     ignored_weight_prefixes = ("fc.", "AuxLogits.")
+    classifier_keys = ("fc.weight", "fc.bias")
 
     def __init__(self) -> None:
         super().__init__()
@@ -500,7 +557,8 @@ class SwinBackbone(Backbone):
     The tokens go through the final LayerNorm (as in the classifier path), are permuted from
     NHWC to NCHW and pass a ReLU, because QPM needs non-negative maps. The paper switches the
     final LayerNorm off after dense training ("ensuring more unrelated features"):
-    ``set_options(final_norm=False)`` does that and is recorded when the model is saved.
+    :meth:`after_dense_training` (which the pipeline's ``dense`` stage calls) does that through
+    ``set_options(final_norm=False)``, which is recorded when the model is saved.
     """
 
     ignored_weight_prefixes = ("head.",)
@@ -537,6 +595,11 @@ class SwinBackbone(Backbone):
         # Identity keeps the forward unchanged; the LayerNorm's parameters leave the state dict.
         self.norm = nn.Identity()
         self.final_norm = False
+
+    def dense_training_changes(self) -> dict[str, Any]:
+        """``{"final_norm": False}`` (the paper drops the final LayerNorm after dense training),
+        or ``{}`` when it was dropped already."""
+        return {"final_norm": False} if self.final_norm else {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, n_f, h, w) of normalised images (B, 3, H, W)."""
