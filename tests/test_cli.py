@@ -278,3 +278,239 @@ def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
     )
     assert train.returncode == 2
     assert "MISSING" in train.stderr and "config" not in train.stderr.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# expected errors: one line on stderr, a non-zero exit, the traceback only with -v
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The error line on stderr, checked to be the only one (progress lines "[stage] ..." aside)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("openqpm: "), err
+    return lines[0]
+
+
+def _problem_files(folder: Path) -> dict[str, Path]:
+    """Problem files that cannot be solved, each broken in another way."""
+    rng = np.random.default_rng(0)
+    A = rng.uniform(-1, 1, size=(4, 8))
+    R = np.zeros((8, 8))
+    sizes = {"n_features": 4, "n_per_class": 2}
+    files = {name: folder / f"{name}.npz" for name in ("nan", "asymmetric", "shapes", "no_keys")}
+    np.savez(files["nan"], A=np.where(np.eye(4, 8) > 0, np.nan, A), R=R, b=np.zeros(8), **sizes)
+    asymmetric = R.copy()
+    asymmetric[0, 1] = 0.5
+    np.savez(files["asymmetric"], A=A, R=asymmetric, b=np.zeros(8), **sizes)
+    np.savez(files["shapes"], A=A, R=np.zeros((7, 7)), b=np.zeros(8), **sizes)
+    np.savez(files["no_keys"])
+    files["empty"] = folder / "empty.npz"
+    files["empty"].write_bytes(b"")
+    return files
+
+
+@pytest.mark.parametrize(
+    ("broken", "said"),
+    [
+        ("nan", "finite"),
+        ("asymmetric", "symmetric"),
+        ("shapes", "shape"),
+        ("no_keys", "missing key"),
+        ("empty", "not a readable npz"),
+    ],
+)
+def test_a_broken_problem_file_is_one_line(
+    broken: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _problem_files(tmp_path)[broken]
+    assert main(["solve", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and said in line
+    assert not (tmp_path / "assignment.json").exists()
+
+
+def test_verbose_adds_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _problem_files(tmp_path)["nan"]
+    assert main(["-v", "solve", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("openqpm: error:")
+
+
+def test_a_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from openqpm.config import apply_overrides, load_config
+    from openqpm.data.synthetic import make_synthetic
+    from openqpm.stages import stage_hash
+
+    data = make_synthetic(tmp_path / "data", n_classes=4, n_images_per_class=6, image_size_px=32)
+    assert main(_argv(tmp_path, str(data))) == 0
+    config = load_config(tmp_path / "run" / "config.yaml")
+    digest = stage_hash(apply_overrides(config, {"dense.epochs": 1}), "dense")
+    checkpoint = tmp_path / "run" / "checkpoints" / f"dense-{digest}.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(_argv(tmp_path, str(data), "--epochs-dense", "1", "--resume")) == 2
+    assert str(checkpoint) in _one_error_line(capsys)
+
+
+def test_a_permission_error_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from openqpm.data import synthetic
+
+    denied = tmp_path / "locked" / "images.txt"
+
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise PermissionError(13, "Permission denied", str(denied))
+
+    monkeypatch.setattr(synthetic, "make_synthetic", refuse)
+    assert main(["data", "make-synthetic", str(tmp_path / "locked")]) == 2
+    line = _one_error_line(capsys)
+    assert str(denied) in line and "Permission denied" in line
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("data:\n  root: Donnée\n".encode("latin-1"))
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    line = _one_error_line(capsys)
+    assert str(config) in line and "UTF-8" in line
+
+
+def test_an_unknown_device_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dense", "--run-dir", str(tmp_path / "r"), "--device", "gpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "'gpu'" in line and "cuda" in line
+
+
+def test_make_synthetic_into_a_folder_in_use_suggests_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "syn"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    argv = ["data", "make-synthetic", str(out), "--classes", "4", "--images-per-class", "4"]
+    assert main([*argv, "--size", "32"]) == 2
+    line = _one_error_line(capsys)
+    assert str(out) in line and "--overwrite" in line and "overwrite=True" not in line
+    assert (out / "mine.txt").is_file()
+    assert main([*argv, "--size", "32", "--overwrite"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "images.txt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: --resume is suggested only to the commands that take it
+
+
+@pytest.mark.parametrize(
+    ("argv", "patched", "hint"),
+    [
+        (["train", "--run-dir", "r"], "_run_stages", "with --resume"),
+        (["dense", "r", "--resume"], "_run_stages", "again"),
+        (["demo"], "_cmd_demo", "again"),
+        (["compare", "r"], "_cmd_compare", None),
+        (["data", "make-synthetic", "d"], "_cmd_data_make_synthetic", None),
+        (["solve", "p.npz"], "_cmd_solve", None),
+    ],
+)
+def test_the_interrupt_message_fits_the_command(
+    argv: list[str],
+    patched: str,
+    hint: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from openqpm import cli
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, patched, interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err
+    if hint is None:
+        assert "--resume" not in err and "continue" not in err
+    else:
+        assert hint in err
+        assert ("--resume" in err) == (hint == "with --resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# openqpm solve: every flag is applied, or refused in one line
+
+
+def test_solve_of_a_run_applies_every_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from openqpm.cli import _SOLVE_FLAGS
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    values = {
+        "--dataset": "cub",
+        "--data-root": str(tmp_path / "birds"),
+        "--arch": "tiny_cnn",
+        "--weights": str(weights),
+        "--image-size": "48",
+        "--n-features": "7",
+        "--n-per-class": "3",
+        "--epochs-dense": "2",
+        "--epochs-finetune": "3",
+        "--batch-size": "4",
+        "--method": "search",
+        "--time-limit": "1.5",
+        "--seed": "9",
+        "--device": "cpu",
+    }
+    assert {flag.flag for flag in _SOLVE_FLAGS} == set(values)  # a new flag gets a value here
+    run_dir = tmp_path / "run"
+    argv = ["solve", "--run-dir", str(run_dir)]
+    for flag, value in values.items():
+        argv += [flag, value]
+    # no features pass in the run: the stage refuses, after writing the configuration
+    assert main(argv) == 2
+    assert "needs stage features" in _one_error_line(capsys)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for flag in _SOLVE_FLAGS:
+        section, _, name = flag.field.rpartition(".")
+        stored = saved[section][name] if section else saved[name]
+        assert stored == flag.type(values[flag.flag]), flag.flag
+
+
+@pytest.mark.parametrize("limit", ["0", "inf", "-3", "nan"])
+@pytest.mark.parametrize("target", ["run", "file"])
+def test_solve_refuses_a_time_limit_that_is_not_positive_and_finite(
+    limit: str, target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    problem = AssignmentProblem(rng.uniform(-1, 1, (4, 8)), np.zeros((8, 8)), np.zeros(8), 4, 2)
+    problem.save(tmp_path / "problem.npz")
+    where = (
+        ["--run-dir", str(tmp_path / "r")] if target == "run" else [str(tmp_path / "problem.npz")]
+    )
+    assert main(["solve", *where, "--time-limit", limit]) == 2
+    assert "solver.time_limit_s" in _one_error_line(capsys)
+    assert not (tmp_path / "assignment.json").exists()
+
+
+@pytest.mark.parametrize("target", ["run", "file"])
+def test_solve_names_the_valid_methods(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    problem = AssignmentProblem(rng.uniform(-1, 1, (4, 8)), np.zeros((8, 8)), np.zeros(8), 4, 2)
+    problem.save(tmp_path / "problem.npz")
+    where = (
+        ["--run-dir", str(tmp_path / "r")] if target == "run" else [str(tmp_path / "problem.npz")]
+    )
+    assert main(["solve", *where, "--method", "foo", "--time-limit", "1"]) == 2
+    line = _one_error_line(capsys)
+    assert "'foo'" in line
+    for method in ("auto", "search", "milp", "paper", "gurobi", "scip"):
+        assert method in line

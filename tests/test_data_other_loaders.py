@@ -20,6 +20,7 @@ from _fixtures_data import (
     make_cub,
     make_image_folder,
     make_travelingbirds,
+    write_image,
 )
 from openqpm.data import DATASET_STATS, DatasetError, create_dataset
 
@@ -145,6 +146,44 @@ def test_image_folder_test_classes_must_exist_in_train(tmp_path: Path) -> None:
     (tmp_path / "val" / "wolf").mkdir()
     with pytest.raises(DatasetError, match=r"class folders \['wolf'\] are not in"):
         create_dataset("imagefolder", tmp_path, "test")
+
+
+def test_image_folder_refuses_a_link_loop_by_name(tmp_path: Path) -> None:
+    """A link back up the tree made 12 images into hundreds, with wrong labels, "usable"."""
+    from openqpm.data import check_dataset
+
+    make_image_folder(tmp_path)
+    loop = tmp_path / "train" / "cat" / "loop"
+    loop.symlink_to("..", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"cat/loop is the folder .*train again"):
+        create_dataset("imagefolder", tmp_path, "train")
+    problems = check_dataset(tmp_path, "imagefolder", image_check="none")
+    assert len(problems) == 1 and str(loop) in problems[0] and "link" in problems[0]
+    loop.unlink()
+    assert len(create_dataset("imagefolder", tmp_path, "train")) == 6
+    assert check_dataset(tmp_path, "imagefolder", image_check="none") == []
+
+
+def test_image_folder_refuses_a_link_from_one_class_into_another(tmp_path: Path) -> None:
+    make_image_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "more").symlink_to(
+        tmp_path / "train" / "dog", target_is_directory=True
+    )
+    with pytest.raises(DatasetError, match=r"train/dog is the folder .*cat/more again"):
+        create_dataset("imagefolder", tmp_path, "train")
+
+
+def test_image_folder_follows_a_link_to_a_folder_kept_elsewhere(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "tree")
+    elsewhere = tmp_path / "disk2" / "foxes"
+    elsewhere.parent.mkdir()
+    shutil.move(root / "train" / "red_fox", elsewhere)
+    (root / "train" / "red_fox").symlink_to(elsewhere, target_is_directory=True)
+    (root / "train" / "dog" / "batch2").symlink_to(tmp_path / "more", target_is_directory=True)
+    write_image(tmp_path / "more" / "extra.png", blue=99)
+    train = create_dataset("imagefolder", root, "train")
+    assert train.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert train.image_paths[4].name == "extra.png"
 
 
 def test_imagenet_readable_names_and_flat_validation_folder(tmp_path: Path) -> None:

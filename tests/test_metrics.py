@@ -406,13 +406,67 @@ def test_evaluate_model_of_a_dense_model_does_not_depend_on_the_batch_size(monke
     assert 0.0 <= result["part_hit_rate"] <= 1.0
 
 
-def test_evaluate_model_skips_contrastiveness_for_many_features(monkeypatch) -> None:
+def test_evaluate_model_samples_the_features_of_contrastiveness_beyond_the_maximum(
+    monkeypatch,
+) -> None:
     model, test, train = _qpm_model(), DataLoader(_images(4, 0)), DataLoader(_images(9, 1))
     sampled = metrics.evaluate_model(model, test, train, device="cpu", max_contrastiveness_images=4)
     assert 0.0 <= sampled["contrastiveness"] <= 1.0
+    assert sampled["contrastiveness_n_features"] == 6  # all of them
     monkeypatch.setattr(metrics, "MAX_CONTRASTIVENESS_FEATURES", 5)
     result = metrics.evaluate_model(model, test, train, device="cpu")
-    assert result["contrastiveness"] is None and result["class_independence"] is not None
+    assert 0.0 <= result["contrastiveness"] <= 1.0 and result["contrastiveness_n_features"] == 5
+    assert result["class_independence"] is not None
+
+
+class _WideModel(torch.nn.Module):
+    """A dense model with more features than Contrastiveness fits (a ResNet-50 has 2048)."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.maps = torch.nn.Conv2d(3, n_features, kernel_size=4, stride=4)
+        self.weight = torch.nn.Parameter(torch.randn(N_CLASSES, n_features, generator=generator))
+        self.is_qpm = False
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.maps(images))  # (B, K, 8, 8)
+
+    def head_feature_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
+
+    def forward_head(self, maps: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
+        pooled = maps.mean(dim=(2, 3))
+        return pooled if pre_logits else pooled @ self.weight.T
+
+    def class_weights(self) -> torch.Tensor:
+        return self.weight.detach()
+
+
+def test_contrastiveness_of_more_than_a_thousand_features_is_computed_on_a_sample(
+    monkeypatch,
+) -> None:
+    """The paper's dense ResNet-50 row: 2048 features used to give no Contrastiveness at all."""
+    chosen = metrics.contrastiveness_features(2048, seed=0)
+    assert len(chosen) == metrics.MAX_CONTRASTIVENESS_FEATURES == 1000
+    assert np.all(np.diff(chosen) > 0) and chosen[-1] < 2048
+    assert not np.array_equal(chosen, metrics.contrastiveness_features(2048, seed=1))
+    np.testing.assert_array_equal(metrics.contrastiveness_features(700), np.arange(700))
+
+    # the same path through evaluate_model, with a smaller maximum to keep the mixture fits few
+    monkeypatch.setattr(metrics, "MAX_CONTRASTIVENESS_FEATURES", 30)
+    torch.manual_seed(0)
+    model = _WideModel(1100).eval()
+    test, train = _images(6, seed=5), _images(10, seed=6)
+    result = metrics.evaluate_model(
+        model, DataLoader(test), DataLoader(train, batch_size=4), device="cpu", seed=3
+    )
+    assert result["n_features_used"] == 1100 and result["contrastiveness_n_features"] == 30
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(train.tensors[0]), pre_logits=True)
+    columns = metrics.contrastiveness_features(1100, seed=3)
+    expected = metrics.contrastiveness(features.numpy()[:, columns], seed=3)
+    assert result["contrastiveness"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_evaluate_model_rejects_shuffled_loaders_with_per_image_annotations() -> None:

@@ -215,6 +215,46 @@ def test_report_handles_a_class_without_test_images(tmp_path, model_and_test_set
     assert "n/a" in (out / "classes" / "c0002.html").read_text()  # no test accuracy
 
 
+def test_a_rewritten_report_replaces_the_old_folder_as_a_whole(
+    tmp_path, model_and_test_set, monkeypatch
+) -> None:
+    """Stale pages of an earlier report and temporary files of a killed one do not survive."""
+    from openqpm.explain import report as report_module
+
+    model, dataset = model_and_test_set
+    out = tmp_path / "report"
+    write_report(out, model=model, dataset=dataset, max_pairs=0)
+    (out / "features" / "f0099.html").write_text("a feature of a larger, earlier model")
+    (out / "classes" / ".c0000.html.k3j2.tmp").write_text("half a page")
+    abandoned = tmp_path / ".report.new-999999999-x1"  # a pid that cannot be alive
+    (abandoned / "img").mkdir(parents=True)
+    previous = os.umask(0o027)
+    try:
+        index = write_report(out, model=model, dataset=dataset, max_classes=2, max_pairs=0)
+    finally:
+        os.umask(previous)
+    assert index == out / "index.html" and index.is_file()
+    assert not (out / "features" / "f0099.html").exists()
+    assert sorted(p.name for p in (out / "classes").iterdir()) == ["c0000.html", "c0001.html"]
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".report." in p.name]
+    assert leftovers == []
+    assert os.stat(out).st_mode & 0o777 == 0o750  # the umask's mode, not mkdtemp's 0700
+    _check_links(out)
+
+    # a write that fails leaves the previous report as it was, and nothing beside it
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs) -> str:
+        raise RuntimeError("killed while writing the index")
+
+    monkeypatch.setattr(report_module, "_index_page", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_report(out, model=model, dataset=dataset, max_pairs=0)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
 def test_report_refuses_a_dense_model(tmp_path, model_and_test_set) -> None:
     _, dataset = model_and_test_set
     dense = QPMModel(create_backbone("tiny_cnn"), DenseHead(32, 4), class_names=CLASS_NAMES)

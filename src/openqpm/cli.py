@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,10 +386,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
             f"solve PROBLEM.npz takes --method, --time-limit, --seed and --out only; got "
             f"{shown or '--config/--run-dir'} (use --run-dir without PROBLEM for a run)"
         )
+    method, time_limit_s, seed = _solve_file_settings(args)
     problem = AssignmentProblem.load(args.problem)
-    method = getattr(args, "field:solver.method") or "auto"
-    time_limit_s = getattr(args, "field:solver.time_limit_s") or 60.0
-    seed = getattr(args, "field:seed") or 0
     print(
         f"Solving {args.problem}: {problem.A.shape[0]} classes, {problem.A.shape[1]} features, "
         f"select {problem.n_features}, {problem.n_per_class} per class; method {method}, "
@@ -414,6 +413,29 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 _SOLVE_FILE_FLAGS = ("--method", "--time-limit", "--seed")
+
+
+def _solve_file_settings(args: argparse.Namespace) -> tuple[str, float, int]:
+    """``(method, time limit, seed)`` of ``solve PROBLEM.npz``, checked as a run's config is.
+
+    Each flag not given takes its configuration default (``auto``, 60 s, 0); a given one is
+    applied as it is or refused (``--time-limit 0`` is not "the default").
+    """
+    from openqpm.config import RunConfig, apply_overrides
+    from openqpm.solver import solver_methods
+
+    given = {
+        flag.field: getattr(args, flag.dest)
+        for flag in _SOLVE_FLAGS
+        if flag.flag in _SOLVE_FILE_FLAGS and getattr(args, flag.dest) is not None
+    }
+    config = apply_overrides(RunConfig(), given)  # ConfigError: a value out of range
+    method = config.solver.method
+    if method not in solver_methods():
+        raise _CliError(
+            f"--method {method!r} is not a solver method; choose {', '.join(solver_methods())}"
+        )
+    return method, config.solver.time_limit_s, config.seed
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -516,14 +538,23 @@ def _cmd_data_make_synthetic(args: argparse.Namespace) -> int:
     from openqpm.data.synthetic import make_synthetic, render_preview
 
     started = time.perf_counter()
-    root = make_synthetic(
-        args.out_dir,
-        n_classes=args.classes,
-        n_images_per_class=args.images_per_class,
-        image_size_px=args.size,
-        seed=args.seed,
-        correlated_backgrounds=args.correlated_backgrounds,
-    )
+    try:
+        root = make_synthetic(
+            args.out_dir,
+            n_classes=args.classes,
+            n_images_per_class=args.images_per_class,
+            image_size_px=args.size,
+            seed=args.seed,
+            correlated_backgrounds=args.correlated_backgrounds,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError:
+        if args.overwrite or not args.out_dir.exists():
+            raise
+        raise _CliError(
+            f"{args.out_dir} exists and is not empty: choose a new folder, or pass --overwrite "
+            "to replace it"
+        ) from None
     print(f"wrote {root} in {time.perf_counter() - started:.1f}s")
     if args.preview is not None:
         print(f"preview: {render_preview(root, args.preview)}")
@@ -639,6 +670,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="class-correlated backgrounds in the training split (TravelingBirds idea)",
     )
     make.add_argument("--preview", type=Path, help="also write a PNG grid of examples per class")
+    make.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR when it exists and is not empty"
+    )
     make.set_defaults(handler=_cmd_data_make_synthetic)
     check = data_commands.add_parser("check", help="validate a data set folder")
     check.add_argument("path", type=Path)
@@ -666,35 +700,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None or handler is None:
         (getattr(args, "parser", None) or parser).print_help()
         return 0
-    from openqpm.config import ConfigError
-
     try:
         if args.command == "demo" or args.command == "train" or args.command in stage_names():
             _set_threads(args.threads)
         return int(handler(args))
-    except _CliError as error:
-        print(f"openqpm: error: {error}", file=sys.stderr)
-        return 2
-    except ConfigError as error:
-        print(f"openqpm: config error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\nopenqpm: interrupted; run again with --resume to continue", file=sys.stderr)
+        print(f"\nopenqpm: interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
     except Exception as error:
-        # Known, explained failures (bad data, bad input) become one clear line (-v shows the
-        # traceback); anything else keeps its traceback so that it can be reported.
-        if getattr(args, "verbose", False) or not isinstance(error, _explained_errors()):
+        # Known, explained failures (bad data, bad input, a file that cannot be read or written)
+        # become one clear line (-v adds the traceback); anything else keeps its traceback so
+        # that it can be reported.
+        message = _explained(error)
+        if message is None:
             raise
-        print(f"openqpm: error: {error}", file=sys.stderr)
+        if getattr(args, "verbose", False) and not isinstance(error, _CliError):
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        print(f"openqpm: {message}", file=sys.stderr)
         return 2
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C: ``--resume`` only where the command has it."""
+    if args.command == "demo":
+        return "; run the same command again to continue (it resumes where it stopped)"
+    if getattr(args, "resume", None) is None or getattr(args, "problem", None) is not None:
+        return ""  # no --resume (solve PROBLEM.npz has nothing to resume)
+    if args.resume:
+        return "; run the same command again to continue"
+    return "; run the same command with --resume to continue"
+
+
+def _explained(error: Exception) -> str | None:
+    """The one line for an expected error, or None for anything else (a bug)."""
+    from openqpm.config import ConfigError
+
+    if isinstance(error, ConfigError):
+        return f"config error: {error}"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        # raised by the OS about one file: not enough permissions, a full disk, ...
+        where = str(error.filename)
+        if error.filename2 is not None:
+            where += f" -> {error.filename2}"
+        return f"error: {where}: {error.strerror}"
+    if isinstance(error, _explained_errors()):
+        return f"error: {error}"
+    return None
 
 
 def _explained_errors() -> tuple[type[BaseException], ...]:
     from openqpm.data._base import DatasetError
-    from openqpm.training import TrainingDivergedError
+    from openqpm.solver.problem import InvalidAssignmentError, ProblemFileError
+    from openqpm.training import CheckpointError, TrainingDivergedError
 
-    return (PipelineError, DatasetError, TrainingDivergedError, FileNotFoundError)
+    return (
+        _CliError,
+        PipelineError,
+        DatasetError,
+        TrainingDivergedError,
+        CheckpointError,
+        ProblemFileError,
+        InvalidAssignmentError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,9 +7,11 @@ The array functions take numpy arrays or torch tensors and return a float. Fract
 The model-level :func:`evaluate_model` makes one pass over the test set and one over the training
 set and keeps only accumulators whose size does not depend on the number of images (per-class
 sums, the Gram matrix of the features, running minima, SID@5 sums). Contrastiveness needs the
-feature values themselves: they are kept for models with at most 1000 features (the reference
-code skips Contrastiveness for larger models too), for at most ``max_contrastiveness_images``
-training images, a seeded uniform sample beyond that (all images on CUB-sized data sets).
+feature values themselves: they are kept for at most 1000 features, a seeded uniform sample of
+the features beyond that (a dense ResNet-50's 2048; the reference code skips Contrastiveness
+there, so the paper's dense row could not be reproduced; the result records the sample size as
+``contrastiveness_n_features``), and for at most ``max_contrastiveness_images`` training images,
+a seeded uniform sample beyond that (all images on CUB-sized data sets).
 
 Which features are evaluated: the columns of the classifier weight that have any nonzero entry
 ("used" features). For a QPM those are the selected features that a class is assigned to; for a
@@ -40,8 +42,9 @@ ArrayLike = np.ndarray | torch.Tensor
 # progress(stage, done, total): stage is "test", "train" or "contrastiveness"
 ProgressCallback = Callable[[str, int, int], None]
 
-#: Models with more used features than this get ``contrastiveness = None`` (reference behaviour:
-#: a GMM per feature of a dense model is slow and says little).
+#: Contrastiveness fits one Gaussian mixture per feature; of models with more used features than
+#: this it is the mean over a seeded uniform sample of this many features
+#: (:func:`contrastiveness_features`), an unbiased estimate of the mean over all of them.
 MAX_CONTRASTIVENESS_FEATURES = 1000
 
 
@@ -537,6 +540,26 @@ def contrastiveness(features: ArrayLike, *, seed: int = 0) -> float:
     return float(1.0 - feature_overlaps(features, seed=seed).mean())
 
 
+def contrastiveness_features(n_features: int, *, seed: int = 0) -> np.ndarray:
+    """The features Contrastiveness is computed on: all, or a seeded sample of the maximum.
+
+    Args:
+        n_features: how many features the model uses.
+        seed: seeds the sample.
+
+    Returns:
+        Ascending feature indices: ``arange(n_features)`` up to
+        :data:`MAX_CONTRASTIVENESS_FEATURES`, else a uniform sample of that many without
+        replacement.
+    """
+    limit = MAX_CONTRASTIVENESS_FEATURES
+    if n_features <= limit:
+        return np.arange(n_features)
+    # its own stream: the choice does not depend on how many images the sample of rows saw
+    generator = np.random.default_rng([seed, 13])
+    return np.sort(generator.choice(n_features, size=limit, replace=False))
+
+
 # --------------------------------------------------------------------------------------------
 # Structural Grounding
 # --------------------------------------------------------------------------------------------
@@ -903,7 +926,7 @@ def evaluate_model(
     the training loader (use the *test* transform there, as the paper does) gives
     Class-Independence, Correlation, Contrastiveness and feature alignment. Memory does not grow
     with the number of images: Contrastiveness keeps at most ``max_contrastiveness_images`` rows
-    of at most 1000 features.
+    of at most 1000 features (a seeded sample of the features beyond that).
 
     Args:
         model: an ``openqpm.QPMModel`` (or anything with its ``forward_features``,
@@ -931,7 +954,8 @@ def evaluate_model(
         ``class_independence``, ``contrastiveness``, ``correlation``, ``structural_grounding``,
         ``feature_alignment``, ``part_hit_rate`` (fractions in [0, 1] except the ratios
         ``structural_grounding`` and ``feature_alignment``; None where not available),
-        ``is_qpm`` and ``time_s``.
+        ``is_qpm``, ``time_s`` and ``contrastiveness_n_features`` (how many features
+        Contrastiveness averages over: all used ones, or a sample of 1000).
 
     Raises:
         ValueError: on an empty test loader, a shuffling loader paired with per-image annotations,
@@ -1067,6 +1091,7 @@ def _evaluate_train(
         "n_train_images": 0,
         "class_independence": None,
         "contrastiveness": None,
+        "contrastiveness_n_features": None,
         "correlation": None,
         "feature_alignment": None,
     }
@@ -1080,9 +1105,8 @@ def _evaluate_train(
     sums = _FeatureSums(
         n_used, n_classes, n_attributes=None if attributes is None else attributes.shape[1]
     )
-    sample = None
-    if n_used <= MAX_CONTRASTIVENESS_FEATURES:
-        sample = _ReservoirSample(max_contrastiveness_images, n_used, seed=seed)
+    sampled_features = contrastiveness_features(n_used, seed=seed)
+    sample = _ReservoirSample(max_contrastiveness_images, len(sampled_features), seed=seed)
     used_on_device = used.to(device)
     n_batches = len(loader) if hasattr(loader, "__len__") else 0
     for batch_index, batch in enumerate(loader):
@@ -1098,8 +1122,7 @@ def _evaluate_train(
                     f"image_attributes has {len(attributes)} rows, the training set has more"
                 )
         sums.update(features_array, labels.numpy().astype(np.int64), batch_attributes)
-        if sample is not None:
-            sample.update(features_array.astype(np.float32))
+        sample.update(features_array[:, sampled_features].astype(np.float32))
         if progress is not None:
             progress("train", batch_index + 1, n_batches)
     if sums.count == 0:
@@ -1117,10 +1140,11 @@ def _evaluate_train(
             result["feature_alignment"] = sums.feature_alignment()
         except ValueError as error:
             _logger.warning("feature alignment not available: %s", error)
-    if sample is not None and sums.count >= 2:
+    if sums.count >= 2 and len(sampled_features):
         if progress is not None:
             progress("contrastiveness", 0, 1)
         result["contrastiveness"] = contrastiveness(sample.sample(), seed=seed)
+        result["contrastiveness_n_features"] = len(sampled_features)
         if progress is not None:
             progress("contrastiveness", 1, 1)
     return result

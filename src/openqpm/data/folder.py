@@ -57,15 +57,47 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, in a deterministic (sorted) order."""
+def _image_files(
+    folder: Path, problems: list[str], seen: dict[tuple[int, int], Path] | None = None
+) -> list[Path]:
+    """Image files anywhere below ``folder``, in a deterministic (sorted) order.
+
+    Links to folders are followed (a class folder may live elsewhere), but a folder reached a
+    second time is not read again: a link loop (``cat/loop -> ..``) or a second path to a folder
+    would count its images again, under another class too. Each is a problem that names both
+    paths, as is a folder that cannot be read.
+
+    Args:
+        folder: the folder to search.
+        problems: where the problems are appended.
+        seen: the folders already read (by device and inode) with the path they were read by;
+            share one between the class folders of a split to catch links between classes.
+    """
+    seen = {} if seen is None else seen
     found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot be read ({error.strerror})")
+
+    for directory, subdirectories, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        path = Path(directory)
+        try:
+            info = path.stat()
+        except OSError as error:
+            unreadable(error)
+            subdirectories.clear()
+            continue
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
+        if first != path:
+            problems.append(
+                f"{path} is the folder {first} again (a link to a folder: a link loop, or a "
+                "second path to it); its images would be counted twice: remove the link"
+            )
+            subdirectories.clear()
+            continue
         subdirectories.sort()
         found += [
-            Path(directory) / name
-            for name in sorted(files)
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            path / name for name in sorted(files) if Path(name).suffix.lower() in IMAGE_EXTENSIONS
         ]
     return found
 
@@ -100,7 +132,7 @@ def _flat_val_labels(
             "arrange them as val/<class>/<image>"
         )
         return [], []
-    files = {path.stem: path for path in _image_files(folder)}
+    files = {path.stem: path for path in _image_files(folder, problems)}
     paths, labels = [], []
     with solution.open(newline="", encoding="utf-8") as stream:
         for line_number, row in enumerate(csv.reader(stream), start=1):
@@ -142,9 +174,12 @@ def _read(
     if unknown:
         problems.append(f"{folder}: class folders {unknown[:10]} are not in {train_folder}")
     paths, labels = [], []
+    # the split folder counts as read: a link back to it from a class folder is a loop too
+    split_info = folder.stat()
+    seen = {(split_info.st_dev, split_info.st_ino): folder}
     for name in split_classes:
         if name in class_index:
-            files = _image_files(folder / name)
+            files = _image_files(folder / name, problems, seen)
             paths += files
             labels += [class_index[name]] * len(files)
     return classes, paths, labels

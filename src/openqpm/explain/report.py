@@ -29,7 +29,7 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 
-from openqpm._io import atomic_path, atomic_write_text, eval_mode, to_jsonable
+from openqpm._io import atomic_folder, atomic_path, atomic_write_text, eval_mode, to_jsonable
 from openqpm.explain._report_html import FILTER_SCRIPT, STYLE_CSS, escape, page
 from openqpm.explain.examples import (
     DatasetScan,
@@ -157,7 +157,7 @@ def write_report(
     feature maps of the chosen images only.
 
     Args:
-        out_dir: the report folder (created; files in it are replaced).
+        out_dir: the report folder (created, or replaced as a whole when complete).
         model: a QPM ``openqpm.QPMModel``, or one with a sparse head (its pages then list
             every class's nonzero features with their signed weights).
         dataset: the *test* split with test transforms (an openqpm data set: ``class_names``,
@@ -191,8 +191,49 @@ def write_report(
         raise ValueError("the data set's class_names differ from the model's class_names")
     if len(dataset) == 0:
         raise ValueError("the data set is empty")
-    out = Path(out_dir)
-    for folder in (out, out / "classes", out / "features", out / "img"):
+    final = Path(out_dir)
+    # Built in a fresh folder beside out_dir and swapped in when complete: no page of an earlier
+    # report survives (a larger n_features left stale feature pages), and a killed run leaves the
+    # previous report whole instead of a mix with temporary files.
+    with atomic_folder(final) as out:
+        _write_pages(
+            out,
+            model=model,
+            dataset=dataset,
+            metrics=metrics,
+            dense_metrics=dense_metrics,
+            device=device,
+            max_classes=max_classes,
+            max_pairs=max_pairs,
+            n_top_images=n_top_images,
+            batch_size=batch_size,
+            title=title,
+            progress=progress,
+        )
+    index_path = final / "index.html"
+    _logger.info("wrote the report to %s", index_path)
+    return index_path
+
+
+def _write_pages(
+    out: Path,
+    *,
+    model: torch.nn.Module,
+    dataset: Any,
+    metrics: Mapping[str, Any] | None,
+    dense_metrics: Mapping[str, Any] | None,
+    device: torch.device | str,
+    max_classes: int | None,
+    max_pairs: int,
+    n_top_images: int,
+    batch_size: int,
+    title: str | None,
+    progress: ProgressCallback | None,
+) -> None:
+    """Write every file of the report into the empty folder ``out``."""
+    qpm: Any = model
+    is_sparse = bool(getattr(qpm, "is_sparse", False))
+    for folder in (out / "classes", out / "features", out / "img"):
         folder.mkdir(parents=True, exist_ok=True)
 
     class_attributes = getattr(dataset, "class_attributes", None)
@@ -282,8 +323,7 @@ def write_report(
     atomic_write_text(index_path, _index_page(context, pairs, metrics, dense_metrics, heading))
     if progress is not None:
         progress("pages", n_pages, n_pages)
-    _logger.info("wrote report with %d class pages to %s", len(class_pages), index_path)
-    return index_path
+    _logger.info("wrote %d class pages and %d feature pages", len(class_pages), n_features)
 
 
 def _class_means(scan: DatasetScan, n_classes: int) -> np.ndarray:

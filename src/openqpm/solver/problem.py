@@ -43,12 +43,18 @@ __all__ = [
     "Assignment",
     "AssignmentProblem",
     "InvalidAssignmentError",
+    "ProblemFileError",
     "ProgressCallback",
     "SolverProgress",
     "checked_selection",
     "relative_gap",
     "validate_assignment",
 ]
+
+
+class ProblemFileError(ValueError):
+    """A problem file (``problem.npz``) that cannot be read: the message names it and why."""
+
 
 _PROBLEM_KEYS = ("A", "R", "b", "n_features", "n_per_class")
 _ASSIGNMENT_KEYS = (
@@ -371,8 +377,8 @@ class AssignmentProblem:
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ValueError: If the file is not a readable npz, lacks a key, or holds invalid values;
-                the message names the file.
+            ProblemFileError: (a ValueError) If the file is not a readable npz (an empty file
+                too), lacks a key, or holds invalid values; the message names the file.
         """
         path = Path(path)
         if not path.is_file():
@@ -380,11 +386,13 @@ class AssignmentProblem:
         try:
             with np.load(path, allow_pickle=False) as data:
                 contents = {key: data[key] for key in data.files}
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable npz problem file ({error})") from error
+        except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+            raise ProblemFileError(
+                f"{path}: not a readable npz problem file ({error or type(error).__name__})"
+            ) from error
         missing = [key for key in _PROBLEM_KEYS if key not in contents]
         if missing:
-            raise ValueError(
+            raise ProblemFileError(
                 f"{path}: missing key(s) {', '.join(missing)}; a problem file needs "
                 f"{', '.join(_PROBLEM_KEYS)}"
             )
@@ -393,7 +401,9 @@ class AssignmentProblem:
             try:
                 metadata = json.loads(str(contents["metadata"]))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: key 'metadata' is not valid JSON ({error})") from error
+                raise ProblemFileError(
+                    f"{path}: key 'metadata' is not valid JSON ({error})"
+                ) from error
         try:
             return cls(
                 contents["A"],
@@ -405,7 +415,7 @@ class AssignmentProblem:
                 metadata=metadata,
             )
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from error
+            raise ProblemFileError(f"{path}: {error}") from error
 
 
 # ----------------------------------------------------------------------------------------------
