@@ -514,3 +514,25 @@ def test_solve_names_the_valid_methods(
     assert "'foo'" in line
     for method in ("auto", "search", "milp", "paper", "gurobi", "scip"):
         assert method in line
+
+
+def test_ctrl_c_during_solve_writes_the_best_assignment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openqpm import solver
+    from openqpm.solver import SolveInterrupted, solve
+
+    rng = np.random.default_rng(1)
+    problem = AssignmentProblem(rng.normal(size=(5, 10)), np.zeros((10, 10)), np.zeros(10), 4, 2)
+    problem.save(tmp_path / "problem.npz")
+    best = solve(problem, method="search", time_limit_s=1, seed=0, max_iterations=2)
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        raise SolveInterrupted(best)
+
+    monkeypatch.setattr(solver, "solve", interrupted)
+    out = tmp_path / "assignment.json"
+    assert main(["solve", str(tmp_path / "problem.npz"), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "best assignment so far" in err and str(out) in err
+    assert Assignment.load(out).objective == pytest.approx(best.objective)

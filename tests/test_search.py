@@ -335,3 +335,31 @@ def test_auto_gives_the_search_a_quarter_of_the_time_but_at_most_two_minutes(
         automatic = solve(problem, method="auto", time_limit_s=time_limit_s, max_iterations=3)
         validate_assignment(problem, automatic)
     assert search_limits == [2.0, 120.0]
+
+
+def test_ctrl_c_during_the_search_keeps_the_best_solution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C inside the search loop becomes SolveInterrupted carrying a valid best solution."""
+    from openqpm.instances import make_instance
+    from openqpm.solver import SolveInterrupted, solve
+    from openqpm.solver import search as search_module
+    from openqpm.solver.problem import validate_assignment
+
+    problem = make_instance("tiny", seed=0)
+    original = search_module._Searcher.greedy
+    calls = {"n": 0}
+
+    def greedy_then_ctrl_c(self: object, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second round of the loop (the first call is the start)
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module._Searcher, "greedy", greedy_then_ctrl_c)
+    for method in ("search", "auto"):
+        calls["n"] = 0
+        with pytest.raises(SolveInterrupted) as caught:
+            solve(problem, method=method, time_limit_s=60, seed=0)
+        assignment = caught.value.assignment
+        validate_assignment(problem, assignment)
+        assert any("interrupted" in line for line in assignment.log), method
+        assert assignment.time_s < 30, method

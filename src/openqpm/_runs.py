@@ -335,18 +335,24 @@ def stage_problem(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_assignment(ctx: StageContext) -> dict[str, Any]:
-    from openqpm.solver import AssignmentProblem, solve
+    from openqpm.solver import AssignmentProblem, SolveInterrupted, solve
     from openqpm.solver.problem import Assignment
 
     config = ctx.config
     if is_main_process():
-        assignment = solve(
-            AssignmentProblem.load(ctx.path("problem.npz")),
-            method=config.solver.method,
-            time_limit_s=config.solver.time_limit_s,
-            seed=config.seed,
-            progress=ctx.reporter.solver_progress,
-        )
+        try:
+            assignment = solve(
+                AssignmentProblem.load(ctx.path("problem.npz")),
+                method=config.solver.method,
+                time_limit_s=config.solver.time_limit_s,
+                seed=config.seed,
+                progress=ctx.reporter.solver_progress,
+            )
+        except SolveInterrupted as interrupted:
+            # keep the best solution found (the stage is not recorded: a rerun solves anew)
+            interrupted.assignment.save(ctx.path("assignment.json"))
+            interrupted.path = ctx.path("assignment.json")
+            raise
         assignment.save(ctx.path("assignment.json"))
     _barrier()
     assignment = Assignment.load(ctx.path("assignment.json"))

@@ -376,7 +376,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_solve(args: argparse.Namespace) -> int:
     if args.problem is None:
         return _run_stages(args, ("problem", "assignment"))
-    from openqpm.solver import AssignmentProblem, solve
+    from openqpm.solver import AssignmentProblem, SolveInterrupted, solve
 
     given = [f.flag for f in _SOLVE_FLAGS if getattr(args, f.dest) is not None]
     unused = [flag for flag in given if flag not in _SOLVE_FILE_FLAGS]
@@ -394,14 +394,19 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         f"limit {time_limit_s:g}s",
         file=sys.stderr,
     )
-    assignment = solve(
-        problem,
-        method=method,
-        time_limit_s=time_limit_s,
-        seed=seed,
-        progress=_ConsoleReporter().solver_progress,
-    )
     out = args.out or args.problem.with_name("assignment.json")
+    try:
+        assignment = solve(
+            problem,
+            method=method,
+            time_limit_s=time_limit_s,
+            seed=seed,
+            progress=_ConsoleReporter().solver_progress,
+        )
+    except SolveInterrupted as interrupted:
+        interrupted.assignment.save(out)
+        interrupted.path = out
+        raise
     assignment.save(out)
     gap = f"{100 * assignment.gap:.3f}%" if assignment.gap is not None else "unknown"
     bound = f"{assignment.bound:.4f}" if assignment.bound is not None else "none"
@@ -704,8 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo" or args.command == "train" or args.command in stage_names():
             _set_threads(args.threads)
         return int(handler(args))
-    except KeyboardInterrupt:
-        print(f"\nopenqpm: interrupted{_how_to_continue(args)}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(
+            f"\nopenqpm: interrupted{_solve_kept(interrupt)}{_how_to_continue(args)}",
+            file=sys.stderr,
+        )
         return 130
     except Exception as error:
         # Known, explained failures (bad data, bad input, a file that cannot be read or written)
@@ -746,6 +754,19 @@ def _explained(error: Exception) -> str | None:
     if isinstance(error, _explained_errors()):
         return f"error: {error}"
     return None
+
+
+def _solve_kept(interrupt: KeyboardInterrupt) -> str:
+    """What a Ctrl-C during a solve kept: the best assignment so far, and where it was written."""
+    assignment = getattr(interrupt, "assignment", None)
+    path = getattr(interrupt, "path", None)
+    if assignment is None or path is None:
+        return ""
+    gap = "unknown" if assignment.gap is None else f"{100 * assignment.gap:.3f}%"
+    return (
+        f" during the solve; the best assignment so far (objective {assignment.objective:.4f}, "
+        f"gap {gap}) is in {path}"
+    )
 
 
 def _explained_errors() -> tuple[type[BaseException], ...]:

@@ -21,6 +21,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from openqpm.solver.problem import (
@@ -28,6 +29,7 @@ from openqpm.solver.problem import (
     AssignmentProblem,
     InvalidAssignmentError,
     ProgressCallback,
+    SolveInterrupted,
     SolverProgress,
     relative_gap,
     validate_assignment,
@@ -40,6 +42,7 @@ __all__ = [
     "AssignmentProblem",
     "InvalidAssignmentError",
     "ProgressCallback",
+    "SolveInterrupted",
     "SolverProgress",
     "solve",
     "solver_methods",
@@ -182,6 +185,10 @@ def _solve_auto(
             problem, time_limit_s=remaining_s, seed=seed, start=found, progress=progress
         )
         validate_assignment(problem, exact)
+    except KeyboardInterrupt:
+        # Ctrl-C during the MILP: the search's solution stands, without a certificate
+        log.append("auto: interrupted (Ctrl-C) during the MILP; the search's solution, no bound")
+        raise SolveInterrupted(replace(found, method="auto", log=log)) from None
     except Exception as error:  # noqa: BLE001 - any MILP failure still leaves the search result
         _logger.warning("auto: MILP unavailable or failed (%s); returning the search result", error)
         log.append(f"auto: MILP unavailable or failed: {type(error).__name__}: {error}")

@@ -45,6 +45,7 @@ __all__ = [
     "InvalidAssignmentError",
     "ProblemFileError",
     "ProgressCallback",
+    "SolveInterrupted",
     "SolverProgress",
     "checked_selection",
     "relative_gap",
@@ -671,6 +672,20 @@ def checked_selection(
 
 class InvalidAssignmentError(ValueError):
     """An assignment violates a constraint of its problem or misreports its objective."""
+
+
+class SolveInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a solve, carrying the best valid assignment found until then.
+
+    Attributes:
+        assignment: the best assignment so far (validated; its ``log`` says it was interrupted).
+        path: where a caller saved it, if it did.
+    """
+
+    def __init__(self, assignment: Assignment) -> None:
+        super().__init__("interrupted during the solve")
+        self.assignment = assignment
+        self.path: Path | None = None
 
 
 def validate_assignment(

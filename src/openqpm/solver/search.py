@@ -38,6 +38,7 @@ from openqpm.solver.problem import (
     Assignment,
     AssignmentProblem,
     ProgressCallback,
+    SolveInterrupted,
     SolverProgress,
     checked_selection,
 )
@@ -889,34 +890,40 @@ def _solve_search(
     n_rounds = 0
     n_failures = 0
     n_restarts = 0
-    while not searcher.out_of_time() and (max_iterations is None or n_rounds < max_iterations):
-        n_rounds += 1
-        if n_failures >= _RESTART_AFTER:
-            n_failures = 0
-            n_restarts += 1
-            rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES)
-        else:
-            n_ruined = int(searcher.rng.integers(1, max_ruined + 1))
-            kept = searcher.rng.permutation(current.selected)[: problem.n_features - n_ruined]
-            rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES, kept=kept)
-        candidate = searcher.evaluate(searcher.relaxed_descent(rebuilt))
-        tolerance = searcher.tolerance(best.objective)
-        # the exact descent only pays when the relaxed value leaves room to beat the best
-        if candidate.relaxed > best.objective + tolerance:
-            candidate = searcher.descend(candidate)
-            # pair moves cost K more gain matrices each: only for a local optimum that ties or
-            # beats the best (at CUB scale trying them everywhere slowed the search down)
-            if candidate.objective >= best.objective - tolerance:
-                candidate = searcher.pair_descent(candidate)
-        if candidate.objective > best.objective + tolerance:
-            best = candidate
-            n_failures = 0
-            report(best, f"round {n_rounds}")
-        else:
-            n_failures += 1
-        slack = _ACCEPT_WORSE_SHARE * abs(best.objective)
-        if candidate.objective >= min(current.objective, best.objective - slack) - tolerance:
-            current = candidate
+    interrupted = False
+    try:
+        while not searcher.out_of_time() and (max_iterations is None or n_rounds < max_iterations):
+            n_rounds += 1
+            if n_failures >= _RESTART_AFTER:
+                n_failures = 0
+                n_restarts += 1
+                rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES)
+            else:
+                n_ruined = int(searcher.rng.integers(1, max_ruined + 1))
+                kept = searcher.rng.permutation(current.selected)[: problem.n_features - n_ruined]
+                rebuilt = searcher.greedy(n_choices=_GREEDY_CHOICES, kept=kept)
+            candidate = searcher.evaluate(searcher.relaxed_descent(rebuilt))
+            tolerance = searcher.tolerance(best.objective)
+            # the exact descent only pays when the relaxed value leaves room to beat the best
+            if candidate.relaxed > best.objective + tolerance:
+                candidate = searcher.descend(candidate)
+                # pair moves cost K more gain matrices each: only for a local optimum that ties or
+                # beats the best (at CUB scale trying them everywhere slowed the search down)
+                if candidate.objective >= best.objective - tolerance:
+                    candidate = searcher.pair_descent(candidate)
+            if candidate.objective > best.objective + tolerance:
+                best = candidate
+                n_failures = 0
+                report(best, f"round {n_rounds}")
+            else:
+                n_failures += 1
+            slack = _ACCEPT_WORSE_SHARE * abs(best.objective)
+            if candidate.objective >= min(current.objective, best.objective - slack) - tolerance:
+                current = candidate
+    except KeyboardInterrupt:
+        # Ctrl-C: `best` is only ever rebound to a finished evaluation, so it is valid here
+        interrupted = True
+        log.append(f"interrupted (Ctrl-C) after {n_rounds} rounds: the best solution so far")
 
     class_features = [list(subset) for subset in best.subsets]
     selected_features = best.selected.tolist()
@@ -930,7 +937,7 @@ def _solve_search(
         f"keep all classes distinct (optimal for this selection)"
     )
     _logger.info("search finished: objective %.6f in %.2f s", objective, elapsed())
-    return Assignment(
+    assignment = Assignment(
         selected_features=selected_features,
         class_features=class_features,
         objective=objective,
@@ -940,3 +947,6 @@ def _solve_search(
         time_s=elapsed(),
         log=log,
     )
+    if interrupted:
+        raise SolveInterrupted(assignment)
+    return assignment
