@@ -592,3 +592,10 @@ def test_top_weight_baseline_accuracy_hand_computed() -> None:
         metrics.top_weight_baseline_accuracy(
             model, loader, n_features=2, n_per_class=3, device="cpu"
         )
+
+
+def test_metrics_table_names_the_sparse_model() -> None:
+    table = metrics.format_metrics_table({"accuracy": 80.0}, {"accuracy": 85.0}, label="SLDD")
+    lines = table.splitlines()
+    assert lines[-1].startswith("SLDD") and lines[-2].startswith("Dense")
+    assert "QPM" not in table

@@ -352,7 +352,8 @@ def _print_summary(result: RunResult, elapsed_s: float) -> None:
         from openqpm.metrics import format_metrics_table
 
         print()
-        print(format_metrics_table(metrics.get("dense"), metrics.get(result.method)))
+        label = {"qpm": "QPM", "sldd": "SLDD", "qsenn": "Q-SENN"}.get(result.method, result.method)
+        print(format_metrics_table(metrics.get("dense"), metrics.get(result.method), label=label))
         baseline = metrics.get("baseline_top_weights")
         if baseline:
             print(f"\nBaseline ({baseline['description']}): {baseline['accuracy']:.2f}% accuracy")

@@ -1254,7 +1254,7 @@ def format_metric(name: str, value: Any) -> str:
 
 
 def format_metrics_table(
-    dense: Mapping[str, Any] | None, qpm: Mapping[str, Any] | None = None
+    dense: Mapping[str, Any] | None, qpm: Mapping[str, Any] | None = None, *, label: str = "QPM"
 ) -> str:
     """A plain-text table of one or two evaluations, like the paper's Tables 2 and 3.
 
@@ -1264,7 +1264,8 @@ def format_metrics_table(
 
     Args:
         dense: :func:`evaluate_model` result of the dense model, or None.
-        qpm: the same for the QPM, or None.
+        qpm: the same for the QPM (or another sparse model), or None.
+        label: the second row's name (``QPM``, ``SLDD``, ...).
 
     Returns:
         The table, lines joined by newlines, no trailing newline.
@@ -1276,7 +1277,7 @@ def format_metrics_table(
         >>> print(format_metrics_table(None, {"accuracy": 85.1, "sid_at_5": 0.901}))
         ... # doctest: +SKIP
     """
-    rows = [(label, row) for label, row in (("Dense", dense), ("QPM", qpm)) if row is not None]
+    rows = [(name, row) for name, row in (("Dense", dense), (label, qpm)) if row is not None]
     if not rows:
         raise ValueError("format_metrics_table needs at least one evaluation")
     columns = list(_TABLE_COLUMNS)
