@@ -205,13 +205,15 @@ def _as_tensor(image: Any, transform: Any) -> torch.Tensor:
     import torch
     from PIL import Image
 
+    from openqpm.data._base import _to_rgb, open_rgb
+
     if isinstance(image, torch.Tensor):
         return image
+    # open_rgb/_to_rgb: 16-bit greyscale scaled (not clipped), transparency composed over white
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            image = opened.convert("RGB")
+        image = open_rgb(image)  # DatasetError naming the file when it cannot be read
     elif isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = _to_rgb(image)
     else:
         raise TypeError(f"expected an image path, a PIL image or a tensor, got {type(image)}")
     return transform(image)
@@ -338,31 +340,78 @@ def predict(
     *,
     top_k: int = 5,
     device: str | torch.device | None = None,
+    batch_size: int = 32,
 ) -> list[Prediction]:
     """The ``top_k`` classes of each image, and the features behind the first.
+
+    Images are transformed with the run's test transform and classified ``batch_size`` at a time
+    (one forward pass per batch).
 
     Args:
         model: a loaded model (:func:`openqpm.load` or :meth:`RunResult.load_model`).
         images: paths, PIL images, or (3, H, W) tensors already transformed.
         top_k: how many classes to return per image.
         device: where to run (default: the model's device).
+        batch_size: images per forward pass.
 
     Returns:
         One :class:`Prediction` per image, in order.
+
+    Raises:
+        DatasetError: an image file cannot be read (the message names it).
     """
+    import torch
+
+    from openqpm._io import eval_mode
+
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    images = list(images)
+    if not images:
+        return []
+    qpm: Any = model
+    transform = None
+    if not all(isinstance(image, torch.Tensor) for image in images):
+        transform = _input_transform(model)
+    target = device if device is not None else next(model.parameters()).device
+    weights = qpm.class_weights().detach().float().cpu().numpy()  # (n_c, K)
     predictions = []
-    for image in images:
-        local = _local(model, image, device)
-        order = np.argsort(-local.logits, kind="stable")[:top_k]
-        predictions.append(
-            Prediction(
-                top_classes=[_score(model, local.logits, int(c)) for c in order],
-                features=_contributions(model, local, int(order[0])),
-            )
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(
+            [_as_tensor(image, transform) for image in images[start : start + batch_size]]
         )
+        with torch.no_grad(), eval_mode(model):
+            maps = qpm.forward_features(batch.to(target))
+            logits = qpm.forward_head(maps).float().cpu().numpy()  # (b, n_c)
+            features = qpm.forward_head(maps, pre_logits=True).float().cpu().numpy()  # (b, K)
+        for row_logits, row_features in zip(logits, features):
+            order = np.argsort(-row_logits, kind="stable")
+            local = _BatchRow(row_features, weights)
+            predictions.append(
+                Prediction(
+                    top_classes=[_score(model, row_logits, int(c)) for c in order[:top_k]],
+                    features=_contributions(model, local, int(order[0])),
+                )
+            )
     return predictions
+
+
+@dataclass(frozen=True)
+class _BatchRow:
+    """One image of a batch: what :func:`_contributions` reads (features, contributions)."""
+
+    features: np.ndarray
+    class_weights: np.ndarray
+
+    def contributions(self, class_index: int) -> list[tuple[int, float]]:
+        # the same order and values as LocalExplanation.contributions
+        row = self.class_weights[class_index]
+        used = np.flatnonzero(row)
+        values = row[used] * self.features[used]
+        order = np.argsort(-values, kind="stable")
+        return [(int(used[i]), float(values[i])) for i in order]
 
 
 def explain_prediction(

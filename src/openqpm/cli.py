@@ -586,6 +586,119 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Classify images (files or folders); exit 1 when some could not be read."""
+    from dataclasses import asdict
+
+    from openqpm.api import _as_tensor, predict
+    from openqpm.app._loaded import image_files, load_run
+    from openqpm.data._base import DatasetError
+
+    if args.top_k < 1:
+        raise _CliError(f"--top-k must be at least 1, got {args.top_k}")
+    loaded = load_run(args.run_dir, which=args.model, device=args.device)
+    transform = loaded.transform()
+    is_qpm = bool(getattr(loaded.model, "is_qpm", False))
+    files = image_files(args.images)
+    failed = 0
+    batch: list[tuple[Path, Any]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        predictions = predict(
+            loaded.model,
+            [tensor for _, tensor in batch],
+            top_k=args.top_k,
+            device=loaded.device,
+            batch_size=args.batch_size,
+        )
+        for (path, _), prediction in zip(batch, predictions):
+            if args.json:
+                record = {"path": str(path), **asdict(prediction), "score_is_sum": is_qpm}
+                print(json.dumps(record), flush=True)
+            else:
+                _print_prediction(path, prediction, loaded.feature_labels, is_qpm=is_qpm)
+        batch.clear()
+
+    for path in files:
+        try:
+            batch.append((path, _as_tensor(path, transform)))
+        except DatasetError as error:
+            failed += 1
+            print(f"openqpm predict: skipped {error}", file=sys.stderr)  # names the file
+            continue
+        if len(batch) >= args.batch_size:
+            flush()
+    flush()
+    if failed:
+        print(
+            f"openqpm predict: {failed} of {len(files)} file(s) could not be read", file=sys.stderr
+        )
+    return 1 if failed else 0
+
+
+def _print_prediction(
+    path: Path, prediction: Any, feature_labels: Sequence[str], *, is_qpm: bool
+) -> None:
+    top = prediction.top_classes[0]
+    print(f"{path}: {top.class_name} (score {top.score:.4f})")
+    for rank, item in enumerate(prediction.top_classes, start=1):
+        print(f"  {rank:>2}. {item.class_name:<32} {item.score:9.4f}")
+    features = prediction.features
+    if is_qpm:
+        total = sum(f.contribution for f in features)
+        print(f"  {top.class_name}: score = sum of its {len(features)} features = {total:.4f}")
+    else:  # a dense or sparse head: bias and many small terms; show the largest
+        print(f"  {top.class_name}: largest contributions of {len(features)} features")
+        features = features[:10]
+    for item in features:
+        print(
+            f"    f{item.feature:<4} ({feature_labels[item.feature]:<14}) activation "
+            f"{item.activation:8.4f}  "
+            f"contribution {item.contribution:+9.4f}"
+        )
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    """Explain one image: text on stdout, the local explanation figure in --out."""
+    from openqpm.api import explain_prediction
+    from openqpm.app._loaded import load_run
+    from openqpm.data._base import open_rgb
+
+    loaded = load_run(args.run_dir, device=args.device)
+    image = open_rgb(args.image)  # DatasetError naming the file when it cannot be read
+    try:
+        versus = None if args.versus is None else loaded.class_index(args.versus)
+    except ValueError as error:
+        raise _CliError(f"--versus: {error}") from None
+    explanation = explain_prediction(loaded.model, image, versus=versus, device=loaded.device)
+    print(explanation.text())
+    figure, _ = loaded.explanation_figure(image, versus=versus)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110, bbox_inches="tight")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    """Serve the interactive explorer of a run (needs the ``app`` extra: gradio)."""
+    from openqpm.app import GradioMissingError, build_app, launch
+
+    started = time.perf_counter()
+    try:
+        app = build_app(args.run_dir, device=args.device)
+    except GradioMissingError as error:
+        raise _CliError(str(error)) from None
+    print(
+        f"openqpm app: serving {args.run_dir} on http://{args.host}:{args.port} "
+        f"(loaded in {time.perf_counter() - started:.1f}s; Ctrl-C to stop)",
+        flush=True,
+    )
+    launch(app, host=args.host, port=args.port, run_dir=args.run_dir)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -656,6 +769,44 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--bias-strength", dest="bias_strength", help="values, e.g. 0,0.3,1,3")
     sweep.add_argument("--methods", help="methods to sweep (default: the run's), e.g. qpm,sldd")
     sweep.set_defaults(handler=_cmd_sweep, run_dir=None)
+
+    predict = commands.add_parser(
+        "predict", help="classify images with a trained run: top classes and their features"
+    )
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    predict.add_argument(
+        "--model",
+        choices=["model", "dense"],
+        default="model",
+        help="the method's model (default) or the dense one",
+    )
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    predict.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    predict.set_defaults(handler=_cmd_predict)
+
+    explain = commands.add_parser(
+        "explain", help="explain one image: its class's features, heatmaps, why not another"
+    )
+    explain.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    explain.add_argument("image", type=Path, metavar="IMAGE")
+    explain.add_argument("--versus", metavar="CLASS", help="class to contrast (name or index)")
+    explain.add_argument(
+        "--out", type=Path, default=Path("explanation.png"), help="figure to write"
+    )
+    explain.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    explain.set_defaults(handler=_cmd_explain)
+
+    app = commands.add_parser(
+        "app", help='interactive explorer of a run in the browser (pip install "openqpm[app]")'
+    )
+    app.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    app.set_defaults(handler=_cmd_app)
 
     configs = commands.add_parser("configs", help="list the shipped configurations")
     configs.set_defaults(handler=_cmd_configs)
