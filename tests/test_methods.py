@@ -86,6 +86,8 @@ def test_methods_share_the_dense_model_and_run_only_their_own_stages(
         config = four_methods["results"][method].config
         assert state[f"evaluate{suffix}"]["hash"] == stage_hash(config, "evaluate")
         assert (four_methods["results"][method].paths("report")[0]).is_file()
+    sldd_index = four_methods["results"]["sldd"].paths("report")[0].read_text()
+    assert "SLDD-Model report" in sldd_index and "QPM report" not in sldd_index
 
 
 def test_each_model_has_the_structure_its_method_promises(four_methods: dict[str, Any]) -> None:

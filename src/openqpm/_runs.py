@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only (these import torch)
     from openqpm.solver.problem import SolverProgress
     from openqpm.training import TrainingProgress
 
-__all__ = ["PipelineError", "Reporter", "StageContext"]
+__all__ = ["METHOD_LABELS", "PipelineError", "Reporter", "StageContext"]
 
 _logger = logging.getLogger(__name__)
 
@@ -427,6 +427,10 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+# how each method's model is called on its report's pages
+METHOD_LABELS = {"qpm": "QPM", "glm-saga5": "glm-saga5", "sldd": "SLDD-Model", "qsenn": "Q-SENN"}
+
+
 def stage_report(ctx: StageContext) -> dict[str, Any]:
     """The HTML report of this run's method's model."""
     from openqpm.explain.report import write_report
@@ -442,6 +446,7 @@ def stage_report(ctx: StageContext) -> dict[str, Any]:
             dense_metrics=metrics.get("dense"),
             device=ctx.device,
             max_classes=ctx.config.report_max_classes,
+            model_label=METHOD_LABELS.get(ctx.method, ctx.method),
         )
         _logger.info("report written to %s", index)
     _barrier()

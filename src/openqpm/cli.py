@@ -352,7 +352,9 @@ def _print_summary(result: RunResult, elapsed_s: float) -> None:
         from openqpm.metrics import format_metrics_table
 
         print()
-        label = {"qpm": "QPM", "sldd": "SLDD", "qsenn": "Q-SENN"}.get(result.method, result.method)
+        from openqpm.stages import METHOD_LABELS
+
+        label = METHOD_LABELS.get(result.method, result.method)
         print(format_metrics_table(metrics.get("dense"), metrics.get(result.method), label=label))
         baseline = metrics.get("baseline_top_weights")
         if baseline:

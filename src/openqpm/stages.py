@@ -33,11 +33,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from openqpm import _runs
-from openqpm._runs import PipelineError, Reporter, StageContext
+from openqpm._runs import METHOD_LABELS, PipelineError, Reporter, StageContext
 from openqpm.config import RunConfig, field_value
 
 __all__ = [
     "METHODS",
+    "METHOD_LABELS",
     "STAGES",
     "PipelineError",
     "Reporter",

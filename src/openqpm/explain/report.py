@@ -80,6 +80,7 @@ class _Context:
     class_means: np.ndarray  # (n_c, K) mean feature value per class over the test set
     bias: np.ndarray  # (n_c,) the head's bias (zeros for a QPM)
     weighted: bool  # signed, unequal weights (a sparse head): pages show each weight
+    model_label: str  # what the model is called on the pages ("QPM", "SLDD-Model", ...)
     _display: dict[int, np.ndarray] = field(default_factory=dict)
 
     def display(self, index: int) -> np.ndarray:
@@ -149,6 +150,7 @@ def write_report(
     n_top_images: int = 8,
     batch_size: int = 32,
     title: str | None = None,
+    model_label: str = "QPM",
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Write the static HTML report of a QPM model over a test set.
@@ -171,6 +173,7 @@ def write_report(
         n_top_images: top activating images per feature page.
         batch_size: images per forward pass.
         title: the report's heading; default from the data set and backbone names.
+        model_label: what the model is called on the pages (``QPM``, ``SLDD-Model``, ...).
         progress: called as ``progress(stage, done, total)``; stages ``scan``, ``maps``,
             ``images``, ``pairs``, ``pages``.
 
@@ -208,6 +211,7 @@ def write_report(
             n_top_images=n_top_images,
             batch_size=batch_size,
             title=title,
+            model_label=model_label,
             progress=progress,
         )
     index_path = final / "index.html"
@@ -228,6 +232,7 @@ def _write_pages(
     n_top_images: int,
     batch_size: int,
     title: str | None,
+    model_label: str,
     progress: ProgressCallback | None,
 ) -> None:
     """Write every file of the report into the empty folder ``out``."""
@@ -284,6 +289,7 @@ def _write_pages(
         class_means=_class_means(scan, n_classes),
         bias=bias,
         weighted=is_sparse,
+        model_label=model_label,
     )
     _write_images(context, progress=progress)
     pairs = [
@@ -319,7 +325,7 @@ def _write_pages(
             progress("pages", done, n_pages)
     atomic_write_text(out / "pairs.html", _pairs_page(context, pairs))
     index_path = out / "index.html"
-    heading = title or _default_title(model, dataset)
+    heading = title or _default_title(model, dataset, model_label)
     atomic_write_text(index_path, _index_page(context, pairs, metrics, dense_metrics, heading))
     if progress is not None:
         progress("pages", n_pages, n_pages)
@@ -334,10 +340,10 @@ def _class_means(scan: DatasetScan, n_classes: int) -> np.ndarray:
         return sums / counts[:, None]  # NaN where a class has no test image
 
 
-def _default_title(model: Any, dataset: Any) -> str:
+def _default_title(model: Any, dataset: Any, model_label: str) -> str:
     backbone = getattr(getattr(model, "backbone", None), "name", "model")
     data_name = getattr(dataset, "name", None) or type(dataset).__name__
-    return f"QPM report · {backbone} on {data_name}"
+    return f"{model_label} report · {backbone} on {data_name}"
 
 
 @torch.no_grad()
@@ -463,9 +469,12 @@ def _save_figure(figure: Figure, path: Path) -> None:
 
 
 def _metrics_section(
-    metrics: Mapping[str, Any] | None, dense_metrics: Mapping[str, Any] | None
+    metrics: Mapping[str, Any] | None,
+    dense_metrics: Mapping[str, Any] | None,
+    model_label: str = "QPM",
 ) -> str:
-    models = [(label, row) for label, row in (("Dense", dense_metrics), ("QPM", metrics)) if row]
+    pairs = (("Dense", dense_metrics), (model_label, metrics))
+    models = [(label, row) for label, row in pairs if row]
     if not models:
         return ""
     shown = [name for name in names() if any(row.get(name) is not None for _, row in models)]
@@ -615,7 +624,7 @@ figures →</a></p>
     )
     has_metrics = metrics is not None or dense_metrics is not None
     metrics_link = ', the metrics: <a href="metrics.json">metrics.json</a>' if has_metrics else ""
-    body = f"""{_metrics_section(metrics, dense_metrics)}
+    body = f"""{_metrics_section(metrics, dense_metrics, context.model_label)}
 {pairs_section}
 <section class="card" id="classes">
 <h2>Classes</h2>
@@ -798,7 +807,7 @@ alt="misclassified image"><div class="caption">test image #{mistake}</div></div>
         f'<div class="stat"><b>{len(pairs)}</b><span>contrastive pairs</span></div>'
     )
     return page(
-        title=f"{name} · QPM report",
+        title=f"{name} · {context.model_label} report",
         heading=name,
         subtitle=f"class {class_index}",
         body="\n".join(sections),
@@ -876,7 +885,7 @@ classified). All heatmaps of this feature use one brightness scale.</p>
 <div class="bars">{rows}</div></section>"""
     swatch = f'<span class="dot" style="background:{color};width:14px;height:14px"></span>'
     return page(
-        title=f"{label} · QPM report",
+        title=f"{label} · {context.model_label} report",
         heading=label,
         subtitle=f"{swatch} head feature {feature}, backbone channel "
         f"{explanation.channel_ids[feature]}",
@@ -914,7 +923,7 @@ loading="lazy"></div>"""
         "</p></section>"
     )
     return page(
-        title="Contrastive pairs · QPM report",
+        title=f"Contrastive pairs · {context.model_label} report",
         heading="Contrastive pairs",
         subtitle="Two classes, one row each: the features only the first uses, the shared ones, "
         "the features only the second uses.",
