@@ -722,6 +722,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_training_commands(commands)
+    _add_result_commands(commands)
+    _add_data_commands(commands)
+    return parser
+
+
+def _add_training_commands(commands: Any) -> None:
+    """demo, train, one command per stage of the table, solve."""
     demo = commands.add_parser(
         "demo", help="generate the embedded data set and train a QPM on it end to end (CPU)"
     )
@@ -754,6 +762,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_run_options(solve, positional_run_dir=False, flags=_SOLVE_FLAGS)
     solve.set_defaults(handler=_cmd_solve)
 
+
+def _add_result_commands(commands: Any) -> None:
+    """compare, sweep, predict, explain, app: what a finished run is used for."""
     compare = commands.add_parser(
         "compare", help="the paper's table: every method and seed of the given run directories"
     )
@@ -810,6 +821,9 @@ def _build_parser() -> argparse.ArgumentParser:
     app.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
     app.set_defaults(handler=_cmd_app)
 
+
+def _add_data_commands(commands: Any) -> None:
+    """configs and data (make-synthetic, check)."""
     configs = commands.add_parser("configs", help="list the shipped configurations")
     configs.set_defaults(handler=_cmd_configs)
 
@@ -844,7 +858,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_cmd_data_check)
     data.set_defaults(handler=None, parser=data)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
