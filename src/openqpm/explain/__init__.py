@@ -22,6 +22,8 @@ __all__ = [
     "display_image",
     "explain_image",
     "heatmap_overlay",
+    "hierarchical_explanation",
+    "hierarchy_figure",
     "local_explanation_figure",
     "scan_dataset",
     "top_activating",
@@ -39,6 +41,8 @@ _LAZY = {
     "composite_overlay": "openqpm.explain.heatmaps",
     "display_image": "openqpm.explain.heatmaps",
     "heatmap_overlay": "openqpm.explain.heatmaps",
+    "hierarchical_explanation": "openqpm.explain.hierarchy",
+    "hierarchy_figure": "openqpm.explain.hierarchy",
     "LocalExplanation": "openqpm.explain.figures",
     "class_comparison_figure": "openqpm.explain.figures",
     "explain_image": "openqpm.explain.figures",
@@ -61,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         display_image,
         heatmap_overlay,
     )
+    from openqpm.explain.hierarchy import hierarchical_explanation, hierarchy_figure
     from openqpm.explain.report import write_report
 
 
