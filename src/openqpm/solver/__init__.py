@@ -13,6 +13,10 @@
   warm-started with its result; the better solution is returned with the MILP's bound.
 
 Every result passes :func:`validate_assignment` before it is returned.
+
+Forced near-equal class pairs (``AssignmentProblem(..., forced_pairs=...)``) are honoured by
+``"search"``, ``"milp"`` and ``"auto"``; ``"paper"``, ``"gurobi"`` and ``"scip"`` refuse such a
+problem with NotImplementedError.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ _METHODS: dict[str, tuple[str, str]] = {
     "gurobi": ("openqpm.solver.gurobi", "solve_gurobi"),
     "scip": ("openqpm.solver.scip", "solve_scip"),
 }
+
+# the methods that honour AssignmentProblem.forced_pairs
+_FORCED_PAIR_METHODS = ("auto", "search", "milp")
 
 # share of the time limit "auto" gives the search before the MILP takes over: the search reaches
 # its plateau in seconds, the bound keeps improving with every second the MILP gets
@@ -109,6 +116,8 @@ def solve(
         ValueError: If ``method`` is unknown (the message lists the valid ones) or
             ``time_limit_s`` is not positive.
         ImportError: If the chosen backend is not installed (e.g. ``gurobipy``).
+        NotImplementedError: If the problem has forced pairs and ``method`` does not support
+            them (only ``"search"``, ``"milp"`` and ``"auto"`` do).
         InvalidAssignmentError: If a solver returned an infeasible or misreported solution.
 
     Example:
@@ -122,6 +131,12 @@ def solve(
         raise ValueError(f"unknown solver method {method!r}; valid: {', '.join(solver_methods())}")
     if not time_limit_s > 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
+    if problem.forced_pairs and method not in _FORCED_PAIR_METHODS:
+        raise NotImplementedError(
+            f"method {method!r} does not support forced class pairs (the problem forces "
+            f"{[list(p) for p in problem.forced_pairs]}); use one of "
+            f"{', '.join(_FORCED_PAIR_METHODS)}"
+        )
     if method == "auto":
         assignment = _solve_auto(
             problem,

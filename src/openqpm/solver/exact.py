@@ -47,6 +47,13 @@ Strengthening, each step valid for every feasible solution, so the bound stays a
   selection share are cut, or, if they all are, the selection (now evaluated exactly) is excluded,
   and the run restarts warm from the incumbent.
 
+**Forced near-equal pairs** (``problem.forced_pairs``): for each pair (c, c') and every feature d
+a column w[c,c',d] in [0, 1] with ``w <= x[c,d]``, ``w <= x[c',d]``, ``w >= x[c,d] + x[c',d] - 1``
+and ``sum_d w[c,c',d] = k - 1``. Every feasible solution satisfies them with w = x[c,d] x[c',d],
+so the bound stays valid. These rows need every x column of the paired classes, so with forced
+pairs the model is always the full one (no feature pricing, no tails), whatever its size; the
+incumbent's assignment honours the pairs exactly (:func:`openqpm.solver.search.assign_classes`).
+
 The incumbent is a selection; its value is always recomputed exactly with the optimal distinct
 assignment of :func:`openqpm.solver.search.assign_classes`, never read off the relaxation.
 
@@ -295,6 +302,8 @@ class _Relaxation:
             [(np.array([1 + c]), np.array([1.0])) for c in range(self.n_classes)],
         )
         self.tail_column[:] = tails
+        # forced pairs: (column of w[c,c',d], c, c', d)
+        self.pair_share_columns: list[tuple[int, int, int, int]] = []
 
     # -- low-level growth ----------------------------------------------------------------------
 
@@ -569,6 +578,45 @@ class _Relaxation:
         self._add_rows(np.array([-np.inf]), np.array([1.0]), [(z_columns, np.ones(len(group)))])
         return True
 
+    def add_forced_pairs(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Rows making each pair share exactly k - 1 features (needs the full model's x columns).
+
+        For every feature d: ``w <= x[c,d]``, ``w <= x[c',d]``, ``w >= x[c,d] + x[c',d] - 1`` and
+        ``sum_d w = k - 1``, which the products w = x[c,d] x[c',d] of any feasible solution meet.
+        """
+        for first, second in pairs:
+            features = [
+                d
+                for d in range(self.n_all)
+                if (first, d) in self.x_column and (second, d) in self.x_column
+            ]
+            if len(features) < self.n_all:
+                raise RuntimeError("forced pairs need every x column (the full model)")
+            count = len(features)
+            w_columns = self._add_columns(
+                np.zeros(count),
+                np.zeros(count),
+                np.ones(count),
+                [(np.zeros(0, dtype=np.int64), np.zeros(0))] * count,
+            )
+            upper_entries = []
+            lower_entries = []
+            for d, w in zip(features, w_columns):
+                self.pair_share_columns.append((int(w), first, second, d))
+                x_first, x_second = self.x_column[(first, d)], self.x_column[(second, d)]
+                upper_entries.append((np.array([int(w), x_first]), np.array([1.0, -1.0])))
+                upper_entries.append((np.array([int(w), x_second]), np.array([1.0, -1.0])))
+                lower_entries.append(
+                    (np.array([int(w), x_first, x_second]), np.array([1.0, -1.0, -1.0]))
+                )
+            self._add_rows(np.full(2 * count, -np.inf), np.zeros(2 * count), upper_entries)
+            self._add_rows(np.full(count, -1.0), np.full(count, np.inf), lower_entries)
+            self._add_rows(
+                np.array([float(self.k - 1)]),
+                np.array([float(self.k - 1)]),
+                [(w_columns, np.ones(count))],
+            )
+
     def add_no_good(self, selection: Sequence[int]) -> None:
         """Exclude one selection: ``sum_{d in S} s[d] <= K - 1``.
 
@@ -734,6 +782,8 @@ class _Relaxation:
                 values[column] = 1.0
         for column, c, feature_set in self.distinct_indicators:
             values[column] = float(set(feature_set) == {int(d) for d in class_features[c]})
+        for column, first, second, d in self.pair_share_columns:
+            values[column] = float(d in class_features[first] and d in class_features[second])
         return values
 
 
@@ -947,7 +997,8 @@ def _initial_model(
     """The starting model: everything for small problems; for large ones the incumbent's
     features plus those worth most at the incumbent's class prices, with short class lists."""
     n_all, n_classes = problem.n_all_features, problem.n_classes
-    full = n_all * n_classes <= options.full_model_max_columns
+    # forced pairs need every class-feature column: no pricing then (see the module docstring)
+    full = n_all * n_classes <= options.full_model_max_columns or bool(problem.forced_pairs)
     if full:
         depth = np.full(n_classes, n_all)
         features = list(range(n_all))
@@ -964,9 +1015,16 @@ def _initial_model(
         problem, depth=depth, seed=seed, threads=options.threads, lazy_pairs=not full
     )
     model.add_features(features)
+    model.add_forced_pairs(problem.forced_pairs)
     state.note(
         f"model: {len(model.features)} features, {len(model.x_column)} class-feature columns, "
-        f"{len(model.pair_column)} penalised pairs" + (" (full)" if full else "")
+        f"{len(model.pair_column)} penalised pairs"
+        + (" (full)" if full else "")
+        + (
+            f", {len(problem.forced_pairs)} forced pairs (feature pricing off)"
+            if problem.forced_pairs
+            else ""
+        )
     )
     return model
 

@@ -97,7 +97,15 @@ def build_linear_milp(
             one in [0, 1].
         add_constraint: Adds a constraint given as the backend's expression (``a <= b`` etc.).
         quicksum: The backend's sum of expressions.
+
+    Raises:
+        NotImplementedError: If the problem has forced class pairs (not stated here).
     """
+    if problem.forced_pairs:
+        raise NotImplementedError(
+            f"the Gurobi/SCIP model does not state forced class pairs (the problem forces "
+            f"{[list(p) for p in problem.forced_pairs]}); use method 'milp', 'search' or 'auto'"
+        )
     n_c, n_f, k = problem.n_classes, problem.n_all_features, problem.n_per_class
     first, second, weight = problem.penalised_pairs()
     s = [add_var(True, float(problem.b[d])) for d in range(n_f)]

@@ -20,6 +20,10 @@ The objective to maximise (paper eqs. 1, 5-7 with the scaling of eq. 17) is::
 
 subject to ``sum_d s_d = n_features``; ``W[c,d] <= s_d``; ``sum_d W[c,d] = n_per_class`` for every
 class; no two classes with the same feature set (paper eqs. 2-4).
+
+Optionally (CHiQPM's forced near-equal class pairs) ``forced_pairs`` lists class pairs (c, c')
+that must share exactly ``n_per_class - 1`` features: ``sum_d W[c,d] W[c',d] = n_per_class - 1``,
+so the two classes differ in exactly one feature each.
 """
 
 from __future__ import annotations
@@ -109,6 +113,34 @@ def _as_count(value: Any, name: str) -> int:
     raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
+def _checked_forced_pairs(value: Any, n_classes: int) -> tuple[tuple[int, int], ...]:
+    """The forced class pairs as sorted ``(c, c')`` tuples, each checked; ``()`` for None."""
+    if value is None:
+        return ()
+    array = np.asarray(value)
+    if array.size == 0:
+        return ()
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(
+            f"forced_pairs must be a sequence of (c, c') pairs, got shape {array.shape}"
+        )
+    pairs: list[tuple[int, int]] = []
+    for row in array.tolist():
+        first = _as_count(row[0], f"forced pair {row}: class")
+        second = _as_count(row[1], f"forced pair {row}: class")
+        if not (0 <= first < n_classes and 0 <= second < n_classes):
+            raise ValueError(
+                f"forced pair ({first}, {second}): class indices must lie in [0, {n_classes})"
+            )
+        if first == second:
+            raise ValueError(f"forced pair ({first}, {second}): a class cannot pair with itself")
+        pair = (min(first, second), max(first, second))
+        if pair in pairs:
+            raise ValueError(f"forced pair ({first}, {second}) is given twice")
+        pairs.append(pair)
+    return tuple(pairs)
+
+
 def _as_float_array(value: Any, name: str, ndim: int) -> np.ndarray:
     """A read-only float64 copy of ``value`` with ``ndim`` dimensions and finite entries."""
     try:
@@ -145,6 +177,9 @@ class AssignmentProblem:
         n_per_class: Number of selected features each class is assigned (the paper's n_wc).
         eps: The threshold R was cut at, kept for the record only.
         metadata: JSON-serialisable facts about where the problem came from, kept for the record.
+        forced_pairs: Class pairs (c, c') that must share exactly ``n_per_class - 1`` features
+            (CHiQPM's forced near-equal pairs); stored as sorted ``(min, max)`` tuples in the given
+            order. Each needs two different valid class indices; no pair may repeat.
 
     Raises:
         ValueError: If a shape, a value or a size is invalid; the message names it.
@@ -168,6 +203,7 @@ class AssignmentProblem:
         *,
         eps: float | None = None,
         metadata: dict[str, Any] | None = None,
+        forced_pairs: Iterable[Sequence[int]] | np.ndarray | None = None,
     ) -> None:
         A_array = _as_float_array(A, "A", 2)
         R_array = _as_float_array(R, "R", 2)
@@ -210,6 +246,13 @@ class AssignmentProblem:
                 f"n_per_class={n_per_class}, n_features={n_features}, "
                 f"features in A={n_all_features}"
             )
+        pairs = _checked_forced_pairs(forced_pairs, n_classes)
+        if pairs and n_features < n_per_class + 1:
+            raise ValueError(
+                f"forced pairs {[list(p) for p in pairs]} need two sets sharing n_per_class - 1 = "
+                f"{n_per_class - 1} features, hence at least n_per_class + 1 = {n_per_class + 1} "
+                f"selected features, but n_features={n_features}"
+            )
         n_class_sets = math.comb(n_features, n_per_class)
         if n_class_sets < n_classes:
             raise ValueError(
@@ -237,12 +280,19 @@ class AssignmentProblem:
         self.n_per_class = n_per_class
         self.eps = eps
         self.metadata: dict[str, Any] = dict(metadata) if metadata is not None else {}
+        self.forced_pairs: tuple[tuple[int, int], ...] = pairs
 
     def __repr__(self) -> str:
         return (
             f"AssignmentProblem(n_classes={self.n_classes}, n_all_features={self.n_all_features}, "
             f"n_features={self.n_features}, n_per_class={self.n_per_class}, "
-            f"n_penalised_pairs={self.n_penalised_pairs})"
+            f"n_penalised_pairs={self.n_penalised_pairs}"
+            + (
+                f", forced_pairs={[list(p) for p in self.forced_pairs]}"
+                if self.forced_pairs
+                else ""
+            )
+            + ")"
         )
 
     @property
@@ -346,8 +396,8 @@ class AssignmentProblem:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the problem to ``path`` (an ``.npz`` file), atomically, without pickle.
 
-        Keys: ``A``, ``R``, ``b``, ``n_features``, ``n_per_class`` and, when set, ``eps`` and
-        ``metadata`` (a JSON string).
+        Keys: ``A``, ``R``, ``b``, ``n_features``, ``n_per_class`` and, when set, ``eps``,
+        ``metadata`` (a JSON string) and ``forced_pairs`` (int64, shape (n_pairs, 2)).
 
         Args:
             path: Destination file; its folder is created if needed.
@@ -363,6 +413,8 @@ class AssignmentProblem:
             arrays["eps"] = np.asarray(self.eps, dtype=np.float64)
         if self.metadata:
             arrays["metadata"] = np.asarray(json.dumps(self.metadata, sort_keys=True))
+        if self.forced_pairs:
+            arrays["forced_pairs"] = np.asarray(self.forced_pairs, dtype=np.int64).reshape(-1, 2)
         atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)  # type: ignore[arg-type]
 
     @classmethod
@@ -371,7 +423,8 @@ class AssignmentProblem:
 
         Args:
             path: An ``.npz`` file with the keys ``A``, ``R``, ``b``, ``n_features``,
-                ``n_per_class`` (optionally ``eps``, ``metadata``).
+                ``n_per_class`` (optionally ``eps``, ``metadata``, ``forced_pairs``; files
+                without ``forced_pairs`` load with none).
 
         Returns:
             The problem, validated as at construction.
@@ -414,6 +467,7 @@ class AssignmentProblem:
                 contents["n_per_class"],
                 eps=float(contents["eps"]) if "eps" in contents else None,
                 metadata=metadata,
+                forced_pairs=contents.get("forced_pairs"),
             )
         except (TypeError, ValueError) as error:
             raise ProblemFileError(f"{path}: {error}") from error
@@ -695,7 +749,8 @@ def validate_assignment(
 
     Checks: exactly ``n_features`` selected ids, distinct, ascending, in range; one list per class
     with exactly ``n_per_class`` distinct ids, all selected; no two classes with the same set; the
-    objective recomputed from the constants equals the reported one; a reported bound is not below
+    objective recomputed from the constants equals the reported one; every forced pair of classes
+    shares exactly ``n_per_class - 1`` features; a reported bound is not below
     the objective and the reported gap matches :func:`relative_gap`.
 
     Args:
@@ -749,6 +804,13 @@ def validate_assignment(
                 f"classes {owner_of_set[key]} and {class_index} have the same features {list(key)}"
             )
         owner_of_set[key] = class_index
+    for first, second in problem.forced_pairs:
+        shared = len(set(assignment.class_features[first]) & set(assignment.class_features[second]))
+        if shared != problem.n_per_class - 1:
+            raise InvalidAssignmentError(
+                f"forced pair ({first}, {second}) shares {shared} features, exactly "
+                f"n_per_class - 1 = {problem.n_per_class - 1} are required"
+            )
 
     # recomputed with plain loops, deliberately not through AssignmentProblem.objective
     scale = 1000.0 / (problem.n_per_class * problem.n_classes)

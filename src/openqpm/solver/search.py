@@ -20,6 +20,13 @@ swap descent on the exact value (only the promising swaps are evaluated exactly)
 "ruin and recreate" (drop a few random features, refill greedily with some randomness, descend)
 with occasional full restarts, until the time or iteration limit. Everything random comes from one
 seeded generator, so for a fixed ``max_iterations`` the result does not depend on the wall clock.
+
+Forced near-equal class pairs (``problem.forced_pairs``): the assignment of a selection is then
+optimal among those where every pair shares exactly ``n_per_class - 1`` features
+(:func:`_forced_pair_subsets`, an exact branch and bound). It is fast when the pairs' classes
+barely compete with the others for subsets; when they do (e.g. several pairs of near-identical
+classes on the generated "small" problem) one evaluation can take minutes, since each branch
+re-solves the other classes' matching.
 """
 
 from __future__ import annotations
@@ -498,6 +505,300 @@ def _distinct_subsets(
     return subsets, loss, n_moved
 
 
+def _subset_loss(
+    values: np.ndarray, selected: np.ndarray, k: int, subsets: list[tuple[int, ...]]
+) -> tuple[float, int]:
+    """``(loss, n_moved)`` of per-class subsets against every class on its own best subset."""
+    column_of = {int(d): j for j, d in enumerate(selected)}
+    top_values = -np.sort(-values, axis=1)[:, :k].sum(axis=1)
+    top_ids = np.sort(selected[np.argsort(-values, axis=1, kind="stable")[:, :k]], axis=1)
+    loss = 0.0
+    n_moved = 0
+    for class_index, subset in enumerate(subsets):
+        if subset != tuple(int(d) for d in top_ids[class_index]):
+            n_moved += 1
+            achieved = float(values[class_index, [column_of[d] for d in subset]].sum())
+            loss += float(top_values[class_index]) - achieved
+    return loss, n_moved
+
+
+def _pair_components(
+    pairs: Sequence[tuple[int, int]],
+) -> tuple[list[list[int]], dict[int, int | None], dict[int, list[int]]]:
+    """The components of the pair graph, each in breadth-first order, each class's anchor (an
+    earlier partner, None for the first of a component) and each class's partners."""
+    partners: dict[int, list[int]] = {}
+    for first, second in pairs:
+        partners.setdefault(first, []).append(second)
+        partners.setdefault(second, []).append(first)
+    components: list[list[int]] = []
+    anchor: dict[int, int | None] = {}
+    for root in sorted(partners):
+        if root in anchor:
+            continue
+        anchor[root] = None
+        component: list[int] = []
+        queue = [root]
+        while queue:
+            node = queue.pop(0)
+            component.append(node)
+            for other in sorted(partners[node]):
+                if other not in anchor:
+                    anchor[other] = node
+                    queue.append(other)
+        components.append(component)
+    return components, anchor, partners
+
+
+# first margin below the best value (in units of max |A| + 1) within which the forced-pair
+# assignment enumerates each component's configurations; it grows 4-fold until the result is proven
+_PAIR_FIRST_SLACK = 0.05
+
+
+_Configuration = tuple[float, dict[int, tuple[int, ...]]]
+
+
+def _forced_pair_subsets(
+    values: np.ndarray, selected: np.ndarray, k: int, pairs: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[int, ...]], float, int]:
+    """The optimal distinct ``k``-subsets of ``selected`` under the forced pairs (exact).
+
+    Every forced pair (c, c') must share exactly ``k - 1`` features. When the unconstrained optimum
+    (:func:`_distinct_subsets`) already satisfies every pair it is returned. Otherwise:
+
+    * each component of the pair graph gets its *configurations* (a subset per member, distinct,
+      every pair inside sharing k - 1) worth at least its best configuration minus a slack s: the
+      first member runs through its subsets best-first (:class:`_SubsetEnumerator`), every later
+      one through the ``k * (K - k)`` one-swap neighbours of an already placed partner's subset;
+    * a depth-first branch and bound picks one configuration per component (distinct across
+      components) and matches the other classes optimally to the subsets left
+      (:func:`_distinct_subsets`, with one "phantom" class per taken subset whose weight on it
+      dominates every trade-off), cutting a branch when it plus the best configurations of the
+      remaining components plus the other classes' unconstrained optimum V0 cannot beat the best;
+    * an assignment left out holds a configuration below its component's best minus s, so it is
+      worth less than U - s with U = sum of the best configurations + V0: the best found is optimal
+      once it reaches U - s (or nothing was left out); otherwise s grows 4-fold and all repeats.
+
+    Returns:
+        As :func:`_distinct_subsets`.
+
+    Raises:
+        ValueError: If no assignment satisfies the forced pairs and distinctness.
+    """
+    free, _, _ = _distinct_subsets(values, selected, k)
+    if all(len(set(free[c]) & set(free[d])) == k - 1 for c, d in pairs):
+        loss, n_moved = _subset_loss(values, selected, k, free)
+        return free, loss, n_moved
+    subsets = _PairedAssignment(values, selected, k, pairs).solve()
+    loss, n_moved = _subset_loss(values, selected, k, subsets)
+    return subsets, loss, n_moved
+
+
+class _PairedAssignment:
+    """The branch and bound of :func:`_forced_pair_subsets` over one selection's values."""
+
+    def __init__(
+        self, values: np.ndarray, selected: np.ndarray, k: int, pairs: Sequence[tuple[int, int]]
+    ) -> None:
+        self.values, self.selected, self.k, self.pairs = values, selected, k, pairs
+        self.n_classes = len(values)
+        self.column_of = {int(d): j for j, d in enumerate(selected)}
+        self.selected_ids = [int(d) for d in selected]
+        self.components, self.anchor, self.partners = _pair_components(pairs)
+        paired = {c for component in self.components for c in component}
+        self.others = [c for c in range(self.n_classes) if c not in paired]
+        self.other_free: list[tuple[int, ...]] = []
+        self.other_value = 0.0
+        if self.others:
+            self.other_free, _, _ = _distinct_subsets(values[self.others], selected, k)
+            self.other_value = sum(
+                self.value_of(c, s) for c, s in zip(self.others, self.other_free, strict=True)
+            )
+        self.top_values = -np.sort(-values, axis=1)[:, :k].sum(axis=1)
+        self.scale = 1.0 + float(np.abs(values).max())
+        self.tolerance = 1e-9 * self.scale * k * self.n_classes
+        # the branch and bound's incumbent
+        self.best_value = -np.inf
+        self.best_sets: dict[int, tuple[int, ...]] | None = None
+        self.chosen: dict[int, tuple[int, ...]] = {}
+
+    def value_of(self, class_index: int, subset: tuple[int, ...]) -> float:
+        return float(self.values[class_index, [self.column_of[d] for d in subset]].sum())
+
+    def match_others(self, taken: set[tuple[int, ...]]) -> tuple[float, list[tuple[int, ...]]]:
+        """The unpaired classes' best distinct subsets, none of them in ``taken``."""
+        if not any(s in taken for s in self.other_free):
+            return self.other_value, list(self.other_free)
+        # phantoms: a row worth `weight` on each feature of one taken subset, 0 elsewhere; any
+        # other subset holds at most k - 1 of them, a loss no gain of the real classes can repay
+        weight = 2.0 * len(self.others) * self.k * self.scale + 1.0
+        phantoms = np.zeros((len(taken), len(self.selected)))
+        for row, subset in enumerate(sorted(taken)):
+            phantoms[row, [self.column_of[d] for d in subset]] = weight
+        stacked = np.vstack([self.values[self.others], phantoms])
+        subsets, _, _ = _distinct_subsets(stacked, self.selected, self.k)
+        mine = subsets[: len(self.others)]
+        if set(subsets[len(self.others) :]) != taken or any(s in taken for s in mine):
+            raise RuntimeError("phantom matching did not keep the forced pairs' subsets")
+        return sum(self.value_of(c, s) for c, s in zip(self.others, mine, strict=True)), mine
+
+    def candidates(
+        self, class_index: int, placed: dict[int, tuple[int, ...]]
+    ) -> Iterator[tuple[tuple[int, ...], float]]:
+        """A class's subsets best first: all of them (a component's first class) or the one-swap
+        neighbours of its already placed partner's subset."""
+        partner = self.anchor[class_index]
+        if partner is None:
+            enumerator = _SubsetEnumerator(self.values[class_index], self.selected, self.k)
+            position = 0
+            while True:
+                enumerator.extend_to(position + 1)
+                if position >= len(enumerator.subsets):
+                    return
+                yield enumerator.subsets[position], enumerator.values[position]
+                position += 1
+        base = placed[partner]
+        neighbours = []
+        for out in base:
+            kept = [d for d in base if d != out]
+            for inn in self.selected_ids:
+                if inn not in base:
+                    subset = tuple(sorted([*kept, inn]))
+                    neighbours.append((subset, self.value_of(class_index, subset)))
+        neighbours.sort(key=lambda item: (-item[1], item[0]))
+        yield from neighbours
+
+    def configurations(
+        self, component: list[int], cutoff: float
+    ) -> tuple[list[_Configuration], bool]:
+        """The component's configurations worth at least ``cutoff``, best first, and whether
+        none was left out."""
+        rest_top = np.concatenate([np.cumsum(self.top_values[component][::-1])[::-1], [0.0]])
+        found: list[_Configuration] = []
+        complete = [True]
+        self._place(component, rest_top, cutoff, 0, 0.0, {}, found, complete)
+        found.sort(key=lambda item: -item[0])
+        return found, complete[0]
+
+    def _place(
+        self,
+        component: list[int],
+        rest_top: np.ndarray,
+        cutoff: float,
+        position: int,
+        partial: float,
+        placed: dict[int, tuple[int, ...]],
+        found: list[_Configuration],
+        complete: list[bool],
+    ) -> None:
+        if position == len(component):
+            found.append((partial, dict(placed)))
+            return
+        class_index = component[position]
+        taken = set(placed.values())
+        for subset, value in self.candidates(class_index, placed):
+            if partial + value + rest_top[position + 1] < cutoff:
+                complete[0] = False
+                break  # candidates come best first
+            if subset in taken or any(
+                other in placed and len(set(placed[other]) & set(subset)) != self.k - 1
+                for other in self.partners[class_index]
+            ):
+                continue
+            placed[class_index] = subset
+            self._place(
+                component, rest_top, cutoff, position + 1, partial + value, placed, found, complete
+            )
+            del placed[class_index]
+
+    def best_configuration_values(self) -> list[float]:
+        """Each component's best configuration value (the margin below its top sum grows until
+        one is found)."""
+        best_of: list[float] = []
+        for component in self.components:
+            margin = _PAIR_FIRST_SLACK * self.scale
+            while True:
+                listed, complete = self.configurations(
+                    component, float(self.top_values[component].sum()) - margin
+                )
+                if listed or complete:
+                    break
+                margin *= 4.0
+            if not listed:
+                raise ValueError(
+                    f"no subsets of {self.k} of the {len(self.selected)} selected features let "
+                    f"the classes {component} meet the forced pairs "
+                    f"{[list(p) for p in self.pairs]}"
+                )
+            best_of.append(listed[0][0])
+        return best_of
+
+    def combine(
+        self,
+        lists: list[list[_Configuration]],
+        rest_best: np.ndarray,
+        position: int,
+        partial: float,
+    ) -> None:
+        """Depth-first: one configuration per component, distinct, then the other classes."""
+        chosen = self.chosen
+        if position == len(self.components):
+            rest, mine = self.match_others(set(chosen.values()))
+            if self.best_sets is None or partial + rest > self.best_value + self.tolerance:
+                self.best_value = partial + rest
+                self.best_sets = dict(chosen)
+                self.best_sets.update(zip(self.others, mine, strict=True))
+            return
+        taken = set(chosen.values())
+        for value, configuration in lists[position]:
+            bound = partial + value + rest_best[position + 1] + self.other_value
+            if self.best_sets is not None and bound <= self.best_value + self.tolerance:
+                break  # configurations come best first
+            if any(subset in taken for subset in configuration.values()):
+                continue
+            chosen.update(configuration)
+            self.combine(lists, rest_best, position + 1, partial + value)
+            for class_index in configuration:
+                del chosen[class_index]
+
+    def solve(self) -> list[tuple[int, ...]]:
+        """The optimal subsets, one per class; the slack grows 4-fold until optimality is proven."""
+        best_of = self.best_configuration_values()
+        upper = float(sum(best_of)) + self.other_value
+        rest_best = np.concatenate([np.cumsum(np.array(best_of)[::-1])[::-1], [0.0]])
+        slack = _PAIR_FIRST_SLACK * self.scale
+        while True:
+            lists: list[list[_Configuration]] = []
+            all_complete = True
+            for component, best in zip(self.components, best_of, strict=True):
+                listed, complete = self.configurations(component, best - slack)
+                lists.append(listed)
+                all_complete &= complete
+            self.combine(lists, rest_best, 0, 0.0)
+            proven = self.best_sets is not None and (
+                self.best_value >= upper - slack - self.tolerance
+            )
+            if all_complete or proven:
+                break
+            slack *= 4.0
+        if self.best_sets is None:
+            raise ValueError(
+                f"no assignment gives every class a distinct set of {self.k} of the "
+                f"{len(self.selected)} selected features while the forced pairs "
+                f"{[list(p) for p in self.pairs]} share exactly {self.k - 1}"
+            )
+        return [self.best_sets[c] for c in range(self.n_classes)]
+
+
+def _assigned_subsets(
+    values: np.ndarray, selected: np.ndarray, k: int, pairs: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[int, ...]], float, int]:
+    """:func:`_distinct_subsets`, or :func:`_forced_pair_subsets` when pairs are forced."""
+    if pairs:
+        return _forced_pair_subsets(values, selected, k, pairs)
+    return _distinct_subsets(values, selected, k)
+
+
 def assign_classes(
     problem: AssignmentProblem, selected_features: Sequence[int] | np.ndarray
 ) -> tuple[list[list[int]], float]:
@@ -505,7 +806,9 @@ def assign_classes(
 
     Every class gets ``n_per_class`` selected features, no two classes the same set, and the sum
     of A over all assignments is maximal (proven by the matching's dual values, see the module
-    docstring).
+    docstring). With forced pairs every pair also shares exactly ``n_per_class - 1`` features
+    and the maximum is over those assignments (exact branch and bound, see
+    :func:`_forced_pair_subsets`).
 
     Args:
         problem: The problem.
@@ -516,7 +819,8 @@ def assign_classes(
         this selection with this assignment.
 
     Raises:
-        ValueError: If the selection has the wrong size, repeats an id or leaves the range.
+        ValueError: If the selection has the wrong size, repeats an id or leaves the range, or
+            no assignment satisfies the forced pairs.
 
     Example:
         >>> import numpy as np
@@ -528,7 +832,7 @@ def assign_classes(
     """
     selected = checked_selection(problem, selected_features)
     values = problem.A[:, selected]  # (n_c, n_features)
-    subsets, _, _ = _distinct_subsets(values, selected, problem.n_per_class)
+    subsets, _, _ = _assigned_subsets(values, selected, problem.n_per_class, problem.forced_pairs)
     class_features = [list(subset) for subset in subsets]
     return class_features, problem.objective(selected.tolist(), class_features)
 
@@ -591,6 +895,7 @@ class _Searcher:
         self.n_selected = problem.n_features
         self.n_all = problem.n_all_features
         self.n_classes = problem.n_classes
+        self.forced_pairs = problem.forced_pairs
         self.rng = rng
         self.deadline = deadline
         self.n_evaluations = 0
@@ -610,7 +915,7 @@ class _Searcher:
         self.n_evaluations += 1
         selected = np.sort(selected)
         values = self.A[:, selected]  # (n_c, n_features)
-        subsets, loss, n_moved = _distinct_subsets(values, selected, self.k)
+        subsets, loss, n_moved = _assigned_subsets(values, selected, self.k, self.forced_pairs)
         top_sum = float(-np.partition(-values, self.k - 1, axis=1)[:, : self.k].sum())
         redundancy = 0.5 * float(self.R[np.ix_(selected, selected)].sum())
         relaxed = self.scale * top_sum + float(self.b[selected].sum()) - redundancy
