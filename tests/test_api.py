@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from tests._tiny import tiny_config
+from tests._tiny import tiny_data as make_tiny_data
 
 import openqpm
 from openqpm.cli import main
@@ -28,31 +30,7 @@ def _python_block() -> str:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from openqpm.data.synthetic import make_synthetic
-
-    root = tmp_path_factory.mktemp("api") / "synthetic"
-    return make_synthetic(root, n_classes=4, n_images_per_class=14, image_size_px=32, seed=5)
-
-
-def _tiny_config(root: Path) -> openqpm.RunConfig:
-    return load_config(
-        "demo",
-        overrides={
-            "data.root": str(root),
-            "data.image_size_px": 32,
-            "data.batch_size": 8,
-            "model.arch": "tiny_cnn",
-            "dense.epochs": 1,
-            "dense.step_size_epochs": 1,
-            "finetune.epochs": 1,
-            "finetune.step_size_epochs": 1,
-            "solver.n_features": 5,
-            "solver.n_per_class": 2,
-            "solver.method": "search",
-            "solver.time_limit_s": 3.0,
-            "report_max_classes": 2,
-        },
-    )
+    return make_tiny_data(tmp_path_factory.mktemp("api") / "synthetic")
 
 
 def test_readme_from_python_block_runs(
@@ -89,7 +67,7 @@ def test_run_returns_typed_results_and_reports_progress(tiny_data: Path, tmp_pat
     from openqpm.solver.problem import SolverProgress
     from openqpm.training import TrainingProgress
 
-    config = _tiny_config(tiny_data)
+    config = tiny_config(tiny_data)
     recorder = _Recorder()
     result = openqpm.run(config, tmp_path / "run", device="cpu", reporter=recorder)
     assert list(result.summaries) == list(stages_for(config))
@@ -139,7 +117,7 @@ def test_run_returns_typed_results_and_reports_progress(tiny_data: Path, tmp_pat
 
 
 def test_cli_and_api_make_the_same_stages(tiny_data: Path, tmp_path: Path) -> None:
-    config = _tiny_config(tiny_data)
+    config = tiny_config(tiny_data)
     save_config(config, tmp_path / "tiny.yaml")
     cli_run = tmp_path / "cli"
     argv = ["train", "--config", str(tmp_path / "tiny.yaml"), "--run-dir", str(cli_run)]

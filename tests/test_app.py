@@ -16,10 +16,11 @@ import pytest
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
+from tests._tiny import tiny_run_dir
+
 import openqpm
 from openqpm.app._loaded import load_run
 from openqpm.config import load_config
-from test_predict import tiny_config
 
 
 def _free_port() -> int:
@@ -30,14 +31,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from openqpm.data.synthetic import make_synthetic
-
-    base = tmp_path_factory.mktemp("app")
-    root = make_synthetic(
-        base / "synthetic", n_classes=4, n_images_per_class=14, image_size_px=32, seed=5
-    )
-    openqpm.run(tiny_config(root), base / "run", device="cpu")
-    return base / "run"
+    return tiny_run_dir(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture(scope="module")

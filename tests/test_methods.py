@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests._tiny import tiny_config
 
 import openqpm
 from openqpm.cli import main
@@ -26,26 +27,17 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(root: Path, method: str) -> RunConfig:
-    return load_config(
-        "demo",
-        overrides={
-            "data.root": str(root),
-            "data.image_size_px": 32,
-            "data.batch_size": 8,
-            "model.arch": "tiny_cnn",
+    return tiny_config(
+        root,
+        **{
             "dense.epochs": 2,
-            "dense.step_size_epochs": 1,
-            "finetune.epochs": 1,
-            "finetune.step_size_epochs": 1,
             "solver.n_features": N_FEATURES,
             "solver.n_per_class": N_PER_CLASS,
-            "solver.method": "search",
             "solver.time_limit_s": 2.0,
             "sparsify.method": method,
             "sparsify.n_lambdas": 20,
             "sparsify.qsenn_rounds": 2,
             "sparsify.qsenn_round_epochs": 1,
-            "report_max_classes": 2,
         },
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests._tiny import tiny_run_dir
 
 import openqpm
 from openqpm.app._loaded import load_run
@@ -17,38 +18,9 @@ from openqpm.config import load_config
 from openqpm.data._base import DatasetError
 
 
-def tiny_config(root: Path) -> openqpm.RunConfig:
-    return load_config(
-        "demo",
-        overrides={
-            "data.root": str(root),
-            "data.image_size_px": 32,
-            "data.batch_size": 8,
-            "model.arch": "tiny_cnn",
-            "dense.epochs": 1,
-            "dense.step_size_epochs": 1,
-            "finetune.epochs": 1,
-            "finetune.step_size_epochs": 1,
-            "solver.n_features": 5,
-            "solver.n_per_class": 2,
-            "solver.method": "search",
-            "solver.time_limit_s": 3.0,
-            "report_max_classes": 2,
-            "device": "cpu",
-        },
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from openqpm.data.synthetic import make_synthetic
-
-    base = tmp_path_factory.mktemp("predict")
-    root = make_synthetic(
-        base / "synthetic", n_classes=4, n_images_per_class=14, image_size_px=32, seed=5
-    )
-    openqpm.run(tiny_config(root), base / "run", device="cpu")
-    return base / "run"
+    return tiny_run_dir(tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")
