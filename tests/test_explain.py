@@ -28,11 +28,13 @@ from openqpm.explain.figures import (
 )
 from openqpm.explain.global_ import GlobalExplanation
 from openqpm.explain.heatmaps import (
+    active_means,
     assign_feature_colors,
     composite_overlay,
     display_image,
     feature_palette,
     heatmap_overlay,
+    to_head_units,
     upsample_map,
 )
 from openqpm.models import QPMHead, QPMModel, create_backbone
@@ -242,6 +244,89 @@ def test_composite_overlay_takes_the_strongest_feature_per_pixel() -> None:
     overlay = composite_overlay(image, maps, colors).astype(int)
     assert overlay[1, 0, 0] > overlay[1, 0, 2]  # red on the left
     assert overlay[1, 3, 2] > overlay[1, 3, 0]  # blue on the right
+
+
+def test_active_means_by_hand() -> None:
+    activations = np.array(
+        [
+            [1.0, -2.0, 0.0, 0.5],
+            [3.0, -1.0, 0.0, -4.0],
+            [-5.0, -3.0, 0.0, 1.5],
+        ]
+    )
+    # feature 0: mean of 1 and 3; 1: never active -> its largest |activation| 3; 2: all zero ->
+    # 1.0; 3: mean of 0.5 and 1.5
+    np.testing.assert_allclose(active_means(activations), [2.0, 3.0, 1.0, 1.0])
+    np.testing.assert_allclose(active_means(torch.tensor([[2.0, 0.0]])), [2.0, 1.0])
+    np.testing.assert_allclose(active_means(np.zeros((0, 3))), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        active_means(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="N, K"):
+        active_means(np.ones(3))
+
+
+def test_head_units_average_to_the_head_input() -> None:
+    """A map in head units is (map - mean) / std per position: its mean is what the head reads."""
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.3, 1.0, -0.2]), torch.tensor([0.2, 0.5, 2.0])
+    head = QPMHead([0, 1, 2], mean, std, [[1, 1, 0], [0, 1, 1]], dropout=0.0).eval()
+    maps = torch.rand(2, 3, 5, 4) * 3.0
+    units = to_head_units(maps, mean, std)
+    assert units.shape == (2, 3, 5, 4) and units.dtype == np.float32
+    np.testing.assert_allclose(units.mean(axis=(2, 3)), head.pre_logits(maps).numpy(), atol=1e-5)
+    np.testing.assert_allclose(units[1, 2], (maps[1, 2].numpy() + 0.2) / 2.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="std"):
+        to_head_units(maps[0], mean, torch.tensor([0.2, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="K, h, w"):
+        to_head_units(maps[0], mean[:2], std[:2])
+
+
+def _drawn_level(overlay: np.ndarray, background: np.ndarray) -> float:
+    """The brightness a red heatmap was drawn with, from the green channel it darkens.
+
+    The blend is ``grey * (1 - level**2) + red * level**2``; red has no green, so
+    ``green = grey_green * (1 - level**2)``.
+    """
+    green, grey_green = float(overlay[..., 1].mean()), float(background[..., 1].mean())
+    return float(np.sqrt(1.0 - green / grey_green))
+
+
+def test_certainty_scale_draws_a_twice_stronger_feature_half_as_bright() -> None:
+    image = np.full((16, 16, 3), 200, dtype=np.uint8)
+    units = np.full((4, 4), 0.8)  # a map in head units, constant: upsampling keeps it exact
+    red = (1.0, 0.0, 0.0)
+    background = heatmap_overlay(image, np.zeros((4, 4)), red)
+    typical = _drawn_level(heatmap_overlay(image, units, red, strength_scale=1.0), background)
+    strong = _drawn_level(heatmap_overlay(image, units, red, strength_scale=2.0), background)
+    assert typical == pytest.approx(0.8, abs=0.02)
+    assert strong == pytest.approx(typical / 2.0, abs=0.02)
+    # without it, the map's own maximum is full brightness: strength is lost
+    own = _drawn_level(heatmap_overlay(image, units, red), background)
+    assert own == pytest.approx(1.0, abs=0.02)
+    # beyond the typical strength it saturates; below the training mean nothing is drawn
+    saturated = heatmap_overlay(image, units * 10, red, strength_scale=1.0)
+    assert _drawn_level(saturated, background) == pytest.approx(1.0, abs=0.02)
+    below = heatmap_overlay(image, -units, red, strength_scale=1.0)
+    np.testing.assert_array_equal(below, background)
+
+    # the composite: the same map value, features of typical strength 1 and 2
+    maps = np.stack([units, units])
+    maps[0, :, 2:] = 0.0  # feature 0 only on the left, feature 1 everywhere
+    reds = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # one colour: compare brightness only
+    composite = composite_overlay(image, maps, reds, strength_scales=[1.0, 2.0])
+    left, right = composite[:, :6], composite[:, -6:]  # away from the bilinear seam
+    assert _drawn_level(left, background) == pytest.approx(0.8, abs=0.02)
+    assert _drawn_level(right, background) == pytest.approx(0.4, abs=0.02)
+
+
+def test_certainty_scale_is_checked() -> None:
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    with pytest.raises(ValueError, match="not both"):
+        heatmap_overlay(image, np.ones((2, 2)), (1, 0, 0), scale_max=1.0, strength_scale=1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        heatmap_overlay(image, np.ones((2, 2)), (1, 0, 0), strength_scale=0.0)
+    with pytest.raises(ValueError, match="strength_scales"):
+        composite_overlay(image, np.ones((2, 2, 2)), np.ones((2, 3)), strength_scales=[1.0])
 
 
 class _PictureSet:

@@ -1,4 +1,4 @@
-"""Tests of the Feature Diversity Loss and its beta helpers."""
+"""Tests of the Feature Diversity Loss, its beta helpers and the Feature Grounding Loss."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from openqpm.losses import (
     REFERENCE_BETA,
     default_diversity_beta,
     feature_diversity_loss,
+    feature_grounding_loss,
     resolve_diversity_beta,
     scaled_beta,
 )
@@ -239,3 +240,119 @@ def test_resolve_diversity_beta_scales_to_the_map_size_without_a_table_entry(
     ) == pytest.approx(0.196)
     with pytest.raises(ValueError, match="too small"):
         resolve_diversity_beta("resnet18", override=None, reduced_strides=False, image_size_px=16)
+
+
+# --------------------------------------------------------------------------------------------
+# feature grounding loss (CHiQPM)
+
+
+def _grounding_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two images, K = 4 features, k = 2 per class.
+
+    W = [[1, 1, 0, 0], [0, 0, 1, 1]].
+    image 0, label 0, f = [2, 1, 0.5, -1.5]:
+        m_assigned = (2 + 1) / 2 = 1.5, mean of the rest = (0.5 - 1.5) / 2 = -0.5,
+        scale = max |f| = 2.
+        factor 2: diff = 2 * -0.5 - 1.5 = -2.5, loss_0 = -1.25
+        factor 1: diff = -0.5 - 1.5 = -2.0, loss_0 = -1.0
+    image 1, label 1, f = [0.004, 0.002, 0.001, 0.003] (scale clamped at 0.01):
+        m_assigned = (0.001 + 0.003) / 2 = 0.002, mean of the rest = (0.004 + 0.002) / 2 = 0.003.
+        factor 2: diff = 0.006 - 0.002 = 0.004, loss_1 = 0.4
+        factor 1: diff = 0.003 - 0.002 = 0.001, loss_1 = 0.1
+    loss = (loss_0 + loss_1) / 2: -0.425 (factor 2), -0.45 (factor 1).
+    """
+    features = torch.tensor(
+        [[2.0, 1.0, 0.5, -1.5], [0.004, 0.002, 0.001, 0.003]], dtype=torch.float64
+    )
+    labels = torch.tensor([0, 1])
+    matrix = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    return features, labels, matrix
+
+
+def test_grounding_loss_matches_hand_computed_values() -> None:
+    features, labels, matrix = _grounding_example()
+    default = feature_grounding_loss(features, labels, matrix)
+    assert default.dtype == torch.float64 and default.dim() == 0
+    assert default.item() == pytest.approx(-0.425, rel=1e-12)
+    doubled = feature_grounding_loss(features, labels, matrix, remaining_factor=2.0)
+    assert doubled.item() == default.item()
+    plain = feature_grounding_loss(features, labels, matrix, remaining_factor=1.0)
+    assert plain.item() == pytest.approx(-0.45, rel=1e-12)
+
+
+def test_grounding_loss_gradient_raises_assigned_and_lowers_other_features() -> None:
+    features, labels, matrix = _grounding_example()
+    features.requires_grad_()
+    feature_grounding_loss(features, labels, matrix).backward()
+    assert features.grad is not None
+    # d loss / d f = (d diff / d f / scale - diff * d scale / d f / scale^2) / B, B = 2, with
+    # d diff / d f = -1/2 on assigned features and 2 * 1/2 = 1 on the others.
+    # image 0 (scale 2 = f[0], diff -2.5): f0: (-0.25 + 2.5 / 4) / 2 = 0.1875 (the scale's own
+    # feature: the loss is scale-free, so raising the largest feature shrinks |loss|),
+    # f1: -0.25 / 2 = -0.125, f2 and f3: 0.5 / 2 = 0.25.
+    # image 1 (clamped scale 0.01): assigned f2, f3: -50 / 2 = -25; others 100 / 2 = 50.
+    expected = torch.tensor(
+        [[0.1875, -0.125, 0.25, 0.25], [50.0, 50.0, -25.0, -25.0]], dtype=torch.float64
+    )
+    assert torch.allclose(features.grad, expected, rtol=1e-12, atol=1e-12)
+    # a descent step raises the assigned features and lowers the others (but for image 0's
+    # largest feature, which sets the scale)
+    assigned = matrix[labels].bool()
+    mask = torch.ones_like(assigned)
+    mask[0, 0] = False
+    assert (features.grad[assigned & mask] < 0).all()
+    assert (features.grad[~assigned & mask] > 0).all()
+
+
+def test_grounding_loss_reads_the_true_class_rows_and_averages_over_the_batch() -> None:
+    features, labels, matrix = _grounding_example()
+    single = [
+        feature_grounding_loss(features[i : i + 1], labels[i : i + 1], matrix).item()
+        for i in range(2)
+    ]
+    assert single == pytest.approx([-1.25, 0.4], rel=1e-12)
+    # swapping the labels swaps which features count as assigned
+    swapped = feature_grounding_loss(features[:1], torch.tensor([1]), matrix, remaining_factor=1)
+    # image 0 with class 1: assigned mean (0.5 - 1.5) / 2 = -0.5, rest 1.5: (1.5 + 0.5) / 2 = 1
+    assert swapped.item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_grounding_loss_in_half_precision_and_rows_without_zeros() -> None:
+    features, labels, matrix = _grounding_example()
+    half = feature_grounding_loss(features.half(), labels, matrix.half())
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(-0.425, rel=1e-2)
+    # a class that uses every feature: the mean of no feature is 0, not NaN
+    full = feature_grounding_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([0]), torch.ones(1, 2))
+    assert full.item() == pytest.approx(-2.0 / 3.0)
+
+
+@pytest.mark.parametrize(
+    ("features_shape", "labels", "matrix_shape", "message"),
+    [
+        ((2, 4, 1), [0, 1], (2, 4), "features must be"),
+        ((0, 4), [], (2, 4), "features must hold"),
+        ((2, 4), [0, 1, 1], (2, 4), "labels must be"),
+        ((2, 4), [[0, 1]], (2, 4), "labels must be"),
+        ((2, 4), [0.0, 1.0], (2, 4), "labels must be integer"),
+        ((2, 4), [0, 1], (2, 3), "class_feature_matrix must be"),
+        ((2, 4), [0, 1], (4,), "class_feature_matrix must be"),
+    ],
+)
+def test_grounding_loss_rejects_bad_shapes_naming_the_argument(
+    features_shape: tuple[int, ...],
+    labels: list[float],
+    matrix_shape: tuple[int, ...],
+    message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        feature_grounding_loss(
+            torch.rand(features_shape), torch.tensor(labels), torch.ones(matrix_shape)
+        )
+
+
+def test_grounding_loss_rejects_a_non_finite_remaining_factor() -> None:
+    with pytest.raises(ValueError, match="remaining_factor must be a finite number"):
+        feature_grounding_loss(
+            torch.rand(2, 4), torch.tensor([0, 1]), torch.ones(2, 4), remaining_factor=math.nan
+        )

@@ -291,6 +291,39 @@ def test_qpm_dropout_acts_before_normalisation() -> None:
     assert is_dropped.any() and is_kept.any()
 
 
+def _relu_example_maps() -> torch.Tensor:
+    """Constant maps whose pooled values are: channel 0 -> 1, channel 1 -> 100, channel 2 -> 1."""
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 0] = 1.0
+    maps[0, 1] = 100.0
+    maps[0, 2] = 1.0
+    return maps
+
+
+def test_qpm_head_with_relu_zeroes_negative_normalised_features() -> None:
+    # selected (2, 0, 1): z = [(1 - 0.5) / 0.5, (1 - 2) / 4, (100 - 90) / 5] = [1, -0.25, 2]
+    settings = {"mean": [0.5, 2.0, 90.0], "std": [0.5, 4.0, 5.0]}
+    matrix = [[1, 1, 0], [0, 1, 1]]
+    maps = _relu_example_maps()
+    plain = QPMHead([2, 0, 1], class_feature_matrix=matrix, **settings).eval()
+    rectified = QPMHead([2, 0, 1], class_feature_matrix=matrix, relu=True, **settings).eval()
+    assert not plain.relu and rectified.relu
+    assert torch.allclose(plain.pre_logits(maps), torch.tensor([[1.0, -0.25, 2.0]]))
+    assert torch.allclose(rectified.pre_logits(maps), torch.tensor([[1.0, 0.0, 2.0]]))
+    # plain: class 0 = 1 - 0.25, class 1 = -0.25 + 2; rectified: 1 + 0 and 0 + 2
+    assert torch.allclose(plain(maps), torch.tensor([[0.75, 1.75]]))
+    assert torch.allclose(rectified(maps), torch.tensor([[1.0, 2.0]]))
+    assert torch.equal(
+        rectified.logits_from_pre_logits(rectified.pre_logits(maps)), rectified(maps)
+    )
+    # nothing new trains and the state dict is the same as without the ReLU
+    assert list(rectified.parameters()) == []
+    assert rectified.state_dict().keys() == plain.state_dict().keys()
+    assert "relu=True" in repr(rectified) and "relu=False" in repr(plain)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        QPMHead([0, 1], [0, 0], [1, 1], [[1, 0], [0, 1]], relu=1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("selected", "mean", "std", "matrix", "message"),
     [
@@ -391,6 +424,26 @@ def test_qpm_from_dense_takes_the_statistics_of_the_selected_features() -> None:
         qpm_from_dense(dense, outside, mean, std, dropout=0.1)
 
 
+def test_to_qpm_and_qpm_from_dense_pass_relu_through() -> None:
+    def relu_of(model: QPMModel) -> bool:
+        assert isinstance(model.head, QPMHead)
+        return model.head.relu
+
+    dense = _dense_model()
+    assert not relu_of(dense.to_qpm(_SELECTED, torch.zeros(4), torch.ones(4), _MATRIX))
+    assert relu_of(dense.to_qpm(_SELECTED, torch.zeros(4), torch.ones(4), _MATRIX, relu=True))
+    class_features = [[_SELECTED[k] for k in np.flatnonzero(row)] for row in _MATRIX]
+    assignment = Assignment(_SELECTED, class_features, objective=1.0)
+    mean, std = np.full(32, 0.2), np.full(32, 0.1)  # some features fall below their mean
+    assert not relu_of(qpm_from_dense(dense, assignment, mean, std, dropout=0.1))
+    chiqpm = qpm_from_dense(dense, assignment, mean, std, dropout=0.1, relu=True)
+    assert relu_of(chiqpm)
+    with torch.no_grad():
+        maps = dense.eval().forward_features(torch.rand(3, 3, 32, 32))
+        features = chiqpm.eval().forward_head(maps, pre_logits=True)
+    assert (features >= 0).all() and (features == 0).any()
+
+
 def test_model_rejects_mismatched_parts() -> None:
     backbone = create_backbone("tiny_cnn")
     with pytest.raises(ValueError, match="3 class names given for a head with 4 classes"):
@@ -447,8 +500,56 @@ def test_saved_metadata_describes_the_qpm(tmp_path: Path) -> None:
     assert metadata["head"]["class_features"] == [[3, 0], [0, 17], [17, 9], [3, 9]]
     assert metadata["head"]["n_per_class"] == 2
     assert metadata["head"]["dropout"] == pytest.approx(0.1)
+    assert metadata["head"]["relu"] is False
     assert metadata["image_size_px"] == 32
     assert metadata["data_std"] == [0.2] * 3
+
+
+def _relu_qpm_model() -> QPMModel:
+    # means well inside the features' range, so that the ReLU zeroes some of them
+    return _dense_model().to_qpm(
+        _SELECTED, torch.full((4,), 0.2), torch.full((4,), 0.1), _MATRIX, relu=True
+    )
+
+
+def test_save_load_keeps_the_relu(tmp_path: Path) -> None:
+    model = _relu_qpm_model().eval()
+    path = model.save(tmp_path / "chiqpm.safetensors")
+    metadata = read_metadata(path)
+    assert metadata["head"]["relu"] is True
+    assert metadata["format_version"] == 2  # readers of version 1 would drop the ReLU
+    loaded = load(path)
+    assert isinstance(loaded.head, QPMHead) and loaded.head.relu
+    images = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        features = loaded.forward_head(loaded.forward_features(images), pre_logits=True)
+        assert (features >= 0).all() and (features == 0).any()
+        assert torch.equal(loaded(images), model(images))
+    # a plain QPM is written as before: version 1, relu false
+    plain_path = _qpm_model().save(tmp_path / "qpm.safetensors")
+    plain = read_metadata(plain_path)
+    assert plain["head"]["relu"] is False and plain["format_version"] == 1
+    assert not load(plain_path).head.relu  # type: ignore[union-attr]
+
+
+def test_a_qpm_file_without_the_relu_key_loads_without_relu(tmp_path: Path) -> None:
+    model = _relu_qpm_model().eval()
+    description = model.describe()
+    del description["head"]["relu"]  # as written before the key existed
+    description["format_version"] = 1
+    description["metadata"] = {}
+    path = tmp_path / "old.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"openqpm": json.dumps(description)},
+    )
+    loaded = load(path)
+    assert isinstance(loaded.head, QPMHead) and not loaded.head.relu
+    images = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        features = loaded.forward_head(loaded.forward_features(images), pre_logits=True)
+    assert (features < 0).any()  # not rectified
 
 
 def test_loading_a_reduced_stride_resnet_restores_the_strides(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -15,6 +16,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
+from openqpm.explain.heatmaps import (
+    active_means,
+    assign_feature_colors,
+    display_image,
+    heatmap_overlay,
+    to_head_units,
+)
 from openqpm.explain.report import write_report
 from openqpm.models import DenseHead, QPMHead, QPMModel, create_backbone
 
@@ -260,6 +268,235 @@ def test_report_refuses_a_dense_model(tmp_path, model_and_test_set) -> None:
     dense = QPMModel(create_backbone("tiny_cnn"), DenseHead(32, 4), class_names=CLASS_NAMES)
     with pytest.raises(ValueError, match="dense"):
         write_report(tmp_path / "r", model=dense, dataset=dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# CHiQPM: certainty-carrying heatmaps, calibrated prediction sets, hierarchy figures
+
+CERTAINTY_NOTE = (
+    "heatmap brightness = strength relative to the feature's mean activation on training images "
+    "where it is active"
+)
+ALPHAS = [0.05, 0.075, 0.1, 0.12]
+# (coverage, mean set size, set coherence) per score and alpha, all different
+CONFORMAL_NUMBERS = {
+    "hierarchical": [(0.951, 3.25, 0.9), (0.93, 2.5, 0.875), (0.912, 2.0, 0.8), (0.88, 1.75, 0.5)],
+    "aps": [(0.96, 3.5, None), (0.925, 3.0, None), (0.9, 2.25, None), (0.875, 2.0, None)],
+    "thr": [(0.955, 2.75, 0.25), (0.94, 2.25, 0.2), (0.905, 1.5, 0.125), (0.87, 1.25, 0.0)],
+}
+CONFORMAL = {
+    "n_calibration": 120,
+    "alphas": ALPHAS,
+    "results": [
+        {
+            "score": score,
+            "alpha": alpha,
+            "coverage": coverage,
+            "mean_set_size": size,
+            "set_coherence": coherence,
+            "threshold": 1.5 if score == "hierarchical" else 0.42,
+            "level": 2 if score == "hierarchical" else None,
+        }
+        for score, rows in CONFORMAL_NUMBERS.items()
+        for alpha, (coverage, size, coherence) in zip(ALPHAS, rows)
+    ],
+}
+
+
+def _head_inputs(model: QPMModel, dataset: _PictureDataset) -> np.ndarray:
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(images), pre_logits=True).numpy()
+
+
+@pytest.fixture(scope="module")
+def chiqpm_report(tmp_path_factory, model_and_test_set) -> tuple[Path, list, np.ndarray]:
+    """A report with every CHiQPM option; returns its folder, the calls of the set function and
+    the certainty scale (from the test images standing in for the training images)."""
+    model, dataset = model_and_test_set
+    scale = active_means(_head_inputs(model, dataset))
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def top_two(logits: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        calls.append((logits, activations))
+        return np.argsort(-logits, kind="stable")[:2]
+
+    metrics = {"accuracy": 62.5, "one_feature_apart_pairs": 7, "conformal": CONFORMAL}
+    out = tmp_path_factory.mktemp("chiqpm") / "report"
+    write_report(
+        out,
+        model=model,
+        dataset=dataset,
+        metrics=metrics,
+        batch_size=4,
+        max_pairs=1,
+        certainty_scale=scale,
+        hierarchy=True,
+        prediction_set_fn=top_two,
+    )
+    return out, calls, scale
+
+
+class _Table(HTMLParser):
+    """The text of every cell of the first table with a given class, row by row."""
+
+    def __init__(self, table_class: str) -> None:
+        super().__init__()
+        self.table_class = table_class
+        self.rows: list[list[str]] = []
+        self._inside = False
+        self._done = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "table" and self.table_class in classes and not self._done:
+            self._inside = True
+        elif self._inside and tag == "tr":
+            self.rows.append([])
+        elif self._inside and tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table" and self._inside:
+            self._inside, self._done = False, True
+        elif self._inside and tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _table(path: Path, table_class: str) -> list[list[str]]:
+    parser = _Table(table_class)
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser.rows
+
+
+def _text(path: Path) -> str:
+    """A page's visible text, whitespace collapsed (links are inline: no space around them)."""
+    without_links = re.sub(r"</?a\b[^>]*>", "", path.read_text(encoding="utf-8"))
+    without_tags = re.sub(r"<[^>]+>", " ", without_links)
+    return " ".join(html.unescape(without_tags).split())
+
+
+def test_report_shows_the_calibrated_prediction_sets(chiqpm_report) -> None:
+    out = chiqpm_report[0]
+    index = out / "index.html"
+    rows = _table(index, "conformal")
+    assert rows[0] == ["alpha", "target", "Hierarchical (CHiQPM)", "APS", "THR"]
+    assert rows[1] == ["coverage", "mean size", "coherence"] * 3
+    body = rows[2:]
+    assert [row[0] for row in body] == ["0.05", "0.075", "0.1", "0.12"]
+    assert [row[1] for row in body] == ["95.0%", "92.5%", "90.0%", "88.0%"]
+    for i, row in enumerate(body):
+        expected = []
+        for score in ("hierarchical", "aps", "thr"):
+            coverage, size, coherence = CONFORMAL_NUMBERS[score][i]
+            coherence_text = "–" if coherence is None else f"{100 * coherence:.1f}%"
+            expected += [f"{100 * coverage:.1f}%", f"{size:.2f}", coherence_text]
+        assert row[2:] == expected
+    assert body[2][2:5] == ["91.2%", "2.00", "80.0%"]  # alpha 0.1, hierarchical, by hand
+    text = _text(index)
+    assert "Calibrated prediction sets" in text
+    assert "Calibration used 120 held-out training images" in text
+    assert "measured on the test split" in text
+    metrics_rows = {row[0]: row[1:] for row in _table(index, "metrics") if row}
+    assert metrics_rows["1-apart pairs"][0] == "7"
+    assert json.loads((out / "metrics.json").read_text())["qpm"]["conformal"] == CONFORMAL
+
+
+def test_report_without_conformal_results_has_no_such_section(report) -> None:
+    index = (report / "index.html").read_text()
+    assert "Calibrated prediction sets" not in index and "1-apart pairs" not in index
+    assert not list((report / "img").glob("tree_*.png"))
+    assert "hierarchy" not in (report / "classes" / "c0000.html").read_text()
+    for page in report.rglob("*.html"):
+        assert CERTAINTY_NOTE not in _text(page).lower(), page.name
+
+
+def test_report_with_hierarchy_draws_a_tree_per_class_page(chiqpm_report, model_and_test_set):
+    out, calls, _ = chiqpm_report
+    model, _ = model_and_test_set
+    trees = sorted(p.name for p in (out / "img").glob("tree_*.png"))
+    assert trees == [f"tree_c{c:04d}.png" for c in range(len(CLASS_NAMES))]
+    for name in trees:
+        with Image.open(out / "img" / name) as picture:
+            assert picture.format == "PNG" and picture.width > 200
+    _check_links(out)
+    weights = model.class_weights().double().numpy()
+    assert len(calls) == len(CLASS_NAMES)
+    for c in range(len(CLASS_NAMES)):
+        page = out / "classes" / f"c{c:04d}.html"
+        assert f"../img/tree_c{c:04d}.png" in _parse(page).links
+        logits, activations = calls[c]
+        assert logits.shape == (len(CLASS_NAMES),) and activations.shape == (len(SELECTED),)
+        np.testing.assert_allclose(logits, weights @ activations)
+        top_two = sorted(np.argsort(-logits, kind="stable")[:2].tolist())
+        listed = ", ".join(CLASS_NAMES[i] for i in top_two)
+        assert f"calibrated set at alpha = 0.1: {listed}" in _text(page)
+    # the last class has no correctly classified test image: its tree shows its mistake
+    assert "which the model gets wrong" in _text(out / "classes" / "c0003.html")
+    assert "the example test image" in _text(out / "classes" / "c0000.html")
+
+
+def test_report_with_certainty_scale_draws_tiles_relative_to_it(
+    chiqpm_report, model_and_test_set
+) -> None:
+    out, _, scale = chiqpm_report
+    model, dataset = model_and_test_set
+    for page in (
+        out / "index.html",
+        out / "classes" / "c0000.html",
+        out / "features" / "f0000.html",
+    ):
+        assert CERTAINTY_NOTE in _text(page).lower(), page.name
+    # a tile of the example of class 0, redrawn by hand: head units over the certainty scale
+    tiles = [link for link in _parse(out / "classes" / "c0000.html").links if "_f" in link]
+    match = re.search(r"i(\d{6})_f(\d{4})\.png$", tiles[0])
+    assert match is not None
+    index, feature = int(match.group(1)), int(match.group(2))
+    with torch.no_grad():
+        maps = model.head_feature_maps(model.forward_features(dataset[index][0][None]))[0]
+    units = to_head_units(maps, model.head.mean, model.head.std)[feature]
+    colors = assign_feature_colors([[0, 1, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4]], len(SELECTED))
+    expected = heatmap_overlay(
+        display_image(dataset, index, size_px=176),
+        units,
+        colors[feature],
+        strength_scale=float(scale[feature]),
+    )
+    with Image.open(out / "img" / tiles[0].removeprefix("../img/")) as picture:
+        drawn = np.asarray(picture.convert("RGB")).astype(int)
+    assert np.abs(drawn - expected.astype(int)).max() <= 1
+
+
+def test_report_with_a_huge_certainty_scale_draws_no_heatmap(tmp_path, model_and_test_set):
+    model, dataset = model_and_test_set
+    out = tmp_path / "r"
+    huge = np.full(len(SELECTED), 1e9)
+    write_report(
+        out, model=model, dataset=dataset, max_classes=1, max_pairs=0, certainty_scale=huge
+    )
+    tiles = sorted((out / "img").glob("i*_f*.png"))
+    assert tiles
+    for tile in tiles:  # nothing reaches a billionth of its typical strength: grey only
+        with Image.open(tile) as picture:
+            pixels = np.asarray(picture.convert("RGB")).astype(int)
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    with pytest.raises(ValueError, match="certainty_scale"):
+        write_report(tmp_path / "bad", model=model, dataset=dataset, certainty_scale=huge[:3])
+
+
+def test_report_refuses_a_set_function_without_hierarchy(tmp_path, model_and_test_set) -> None:
+    model, dataset = model_and_test_set
+    with pytest.raises(ValueError, match="hierarchy=True"):
+        write_report(
+            tmp_path / "r", model=model, dataset=dataset, prediction_set_fn=lambda logits, z: [0]
+        )
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------

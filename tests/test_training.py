@@ -14,16 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
+from openqpm.losses import feature_grounding_loss
 from openqpm.models import DenseHead, QPMModel, create_backbone
 from openqpm.training import (
     CheckpointError,
     TrainingDivergedError,
     TrainingProgress,
     TrainingSchedule,
+    _LossModule,
     evaluate_accuracy,
     make_loader,
     read_checkpoint_info,
@@ -43,7 +47,7 @@ RECIPE: dict[str, Any] = {
 }
 
 
-def _schedule(epochs: int, **changes: float) -> TrainingSchedule:
+def _schedule(epochs: int, **changes: Any) -> TrainingSchedule:
     """The test recipe for ``epochs`` epochs, with ``changes`` to its values."""
     return TrainingSchedule(epochs=epochs, **{**RECIPE, **changes})
 
@@ -392,3 +396,287 @@ def test_evaluate_accuracy_counts_correct_predictions() -> None:
     loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
     assert evaluate_accuracy(model, loader, device="cpu") == pytest.approx(0.6)
     assert model.training  # mode restored
+
+
+# --------------------------------------------------------------------------------------------
+# CHiQPM: the feature grounding loss in the first epochs of fine-tuning
+
+_CLASS_FEATURE_MATRIX = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]])
+
+
+def _chiqpm_model(seed: int = 1) -> QPMModel:
+    """A tiny QPM with the CHiQPM ReLU on a fresh dense model's backbone."""
+    return _dense_model(seed).to_qpm(
+        np.array([3, 8, 17, 30]),
+        np.array([0.5, 0.4, 0.3, 0.2]),
+        np.array([1.0, 2.0, 0.5, 1.5]),
+        _CLASS_FEATURE_MATRIX,
+        dropout=0.1,
+        relu=True,
+    )
+
+
+def _finetune(epochs: int, **changes: Any) -> TrainingSchedule:
+    """The fine-tuning recipe of these tests (``changes`` may set the grounding values)."""
+    return _schedule(epochs, lr_backbone=0.01, momentum=0.95, step_size_epochs=1, **changes)
+
+
+def _assert_same_weights(expected: nn.Module, actual: nn.Module) -> None:
+    expected_state, actual_state = _weights(expected), _weights(actual)
+    assert expected_state.keys() == actual_state.keys()
+    for key, value in expected_state.items():
+        assert torch.equal(value, actual_state[key]), key
+
+
+def test_grounding_loss_module_adds_the_weighted_term_in_its_epochs_only() -> None:
+    model = _chiqpm_model().train()
+    images, labels = _dataset(8).tensors
+    plain = _LossModule(model, diversity_beta=0.2)
+    grounded = _LossModule(model, diversity_beta=0.2, grounding_weight=3.0, grounding_epochs=1)
+
+    def run(module: _LossModule, epoch: int) -> tuple[torch.Tensor, ...]:
+        module.epoch = epoch
+        torch.manual_seed(0)  # the same dropout draws
+        with torch.no_grad():
+            return tuple(module(images, labels))
+
+    loss, cross_entropy, terms, logits = run(plain, 0)
+    assert terms.shape == (2,) and terms[1].item() == 0.0
+    # epoch 0: the same logits (dropout drawn once, as in the plain step) and the same
+    # cross-entropy and diversity, plus 3 x the grounding loss of the head's input
+    g_loss, g_cross_entropy, g_terms, g_logits = run(grounded, 0)
+    assert torch.equal(g_logits, logits) and torch.equal(g_cross_entropy, cross_entropy)
+    assert torch.equal(g_terms[0], terms[0])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    expected = 3.0 * feature_grounding_loss(features, labels, model.head.weight)
+    assert g_terms[1].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert g_terms[1].item() != 0.0
+    assert g_loss.item() == pytest.approx((cross_entropy + terms[0] + expected).item(), rel=1e-6)
+    # epoch 1 is past grounding_epochs: exactly the plain step
+    late = run(grounded, 1)
+    for plain_value, late_value in zip((loss, cross_entropy, terms, logits), late):
+        assert torch.equal(plain_value, late_value)
+
+
+def test_grounding_changes_the_training_and_is_reported() -> None:
+    dataset = _dataset()
+    baseline = _chiqpm_model()
+    train_model(baseline, _train_loader(dataset), _finetune(2), device="cpu")
+    grounded = _chiqpm_model()
+    events: list[TrainingProgress] = []
+    result = train_model(
+        grounded, _train_loader(dataset), _finetune(2, grounding_weight=3.0), device="cpu",
+        progress=events.append,
+    )  # fmt: skip
+    changed = [
+        key
+        for key, value in _weights(baseline.backbone).items()
+        if not torch.equal(value, grounded.backbone.state_dict()[key])
+    ]
+    assert changed, "the grounding loss did not change the training"
+    for record in result.history:
+        assert record["grounding_loss"] != 0.0
+        assert record["loss"] == pytest.approx(
+            record["cross_entropy"] + record["diversity_loss"] + record["grounding_loss"]
+        )
+    assert all(event.grounding_loss != 0.0 for event in events)
+    # the head stays frozen
+    assert torch.equal(grounded.class_weights(), torch.as_tensor(_CLASS_FEATURE_MATRIX).float())
+
+
+def test_grounding_in_zero_epochs_is_bit_identical_to_no_grounding(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dataset = _dataset()
+    plain = _chiqpm_model()
+    with caplog.at_level(logging.INFO, logger="openqpm.training"):
+        result = train_model(plain, _train_loader(dataset), _finetune(2), device="cpu")
+    assert all(record["grounding_loss"] == 0.0 for record in result.history)
+    assert "grounding" not in caplog.text  # the log line is as before
+    never = _chiqpm_model()
+    train_model(
+        never, _train_loader(dataset), _finetune(2, grounding_weight=3.0, grounding_epochs=0),
+        device="cpu",
+    )  # fmt: skip
+    _assert_same_weights(plain, never)
+
+
+def test_grounding_stops_after_grounding_epochs(caplog: pytest.LogCaptureFixture) -> None:
+    dataset = _dataset()
+    always = _chiqpm_model()
+    always_result = train_model(
+        always, _train_loader(dataset), _finetune(2, grounding_weight=3.0), device="cpu"
+    )
+    first_only = _chiqpm_model()
+    with caplog.at_level(logging.INFO, logger="openqpm.training"):
+        result = train_model(
+            first_only, _train_loader(dataset),
+            _finetune(2, grounding_weight=3.0, grounding_epochs=1), device="cpu",
+        )  # fmt: skip
+    first, second = result.history
+    # epoch 1 is the same as with grounding in every epoch ...
+    for key in ("loss", "cross_entropy", "diversity_loss", "grounding_loss"):
+        assert first[key] == always_result.history[0][key], key
+    assert first["grounding_loss"] != 0.0
+    # ... epoch 2 has no grounding term and ends elsewhere
+    assert second["grounding_loss"] == 0.0 and always_result.history[1]["grounding_loss"] != 0.0
+    assert second["loss"] == pytest.approx(second["cross_entropy"] + second["diversity_loss"])
+    assert any(
+        not torch.equal(value, first_only.state_dict()[key])
+        for key, value in _weights(always).items()
+    )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and all(", grounding " in line for line in lines)
+    assert ", grounding 0.0000)" in lines[1]
+
+
+def test_resume_across_the_end_of_grounding_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    dataset = _dataset()
+    schedule = _finetune(3, grounding_weight=3.0, grounding_epochs=2)
+    reference = _chiqpm_model()
+    train_model(reference, _train_loader(dataset), schedule, device="cpu")
+    checkpoint = tmp_path / "chiqpm.ckpt"
+    train_model(
+        _chiqpm_model(), _train_loader(dataset), schedule, device="cpu",
+        checkpoint_path=checkpoint, max_epochs_this_call=2,
+    )  # fmt: skip
+    assert read_checkpoint_info(checkpoint)["hyperparameters"]["grounding_epochs"] == 2
+    # a fresh process: another model and random state, the epoch count restarts from 0 here
+    torch.manual_seed(12345)
+    resumed = _chiqpm_model(seed=99)
+    result = train_model(
+        resumed, _train_loader(dataset), schedule, device="cpu", checkpoint_path=checkpoint,
+        resume=True,
+    )  # fmt: skip
+    assert result.start_epoch == 2
+    assert [record["grounding_loss"] == 0.0 for record in result.history] == [False, False, True]
+    _assert_same_weights(reference, resumed)
+
+
+def test_resume_with_other_grounding_settings_is_refused(tmp_path: Path) -> None:
+    dataset = _dataset()
+    checkpoint = tmp_path / "chiqpm.ckpt"
+    schedule = _finetune(2, grounding_weight=3.0, grounding_epochs=1)
+    train_model(
+        _chiqpm_model(), _train_loader(dataset), schedule, device="cpu",
+        checkpoint_path=checkpoint, max_epochs_this_call=1,
+    )  # fmt: skip
+    for changes, message in (
+        ({"grounding_weight": 1.0}, "grounding_weight: checkpoint 3.0, now 1.0"),
+        ({"grounding_epochs": 2}, "grounding_epochs: checkpoint 1, now 2"),
+        ({"grounding_epochs": None}, "grounding_epochs: checkpoint 1, now None"),
+    ):
+        with pytest.raises(CheckpointError, match=message):
+            train_model(
+                _chiqpm_model(), _train_loader(dataset), dataclasses.replace(schedule, **changes),
+                device="cpu", checkpoint_path=checkpoint, resume=True,
+            )  # fmt: skip
+
+
+def _drop_hyperparameters(checkpoint: Path, names: tuple[str, ...]) -> None:
+    """Rewrite ``checkpoint`` as a version without the hyperparameters ``names`` wrote it."""
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    document = json.loads(metadata["openqpm_checkpoint"])
+    for name in names:
+        del document["hyperparameters"][name]
+    for record in document["history"]:
+        record.pop("grounding_loss", None)
+    save_file(tensors, str(checkpoint), metadata={"openqpm_checkpoint": json.dumps(document)})
+
+
+def test_checkpoints_from_before_grounding_resume_with_the_defaults(tmp_path: Path) -> None:
+    dataset = _dataset()
+    reference = _chiqpm_model()
+    train_model(reference, _train_loader(dataset), _finetune(2), device="cpu")
+    checkpoint = tmp_path / "old.ckpt"
+    train_model(
+        _chiqpm_model(), _train_loader(dataset), _finetune(2), device="cpu",
+        checkpoint_path=checkpoint, max_epochs_this_call=1,
+    )  # fmt: skip
+    _drop_hyperparameters(checkpoint, ("grounding_weight", "grounding_epochs"))
+    assert "grounding_weight" not in read_checkpoint_info(checkpoint)["hyperparameters"]
+    with pytest.raises(CheckpointError, match="grounding_weight: checkpoint 0.0, now 3.0"):
+        train_model(
+            _chiqpm_model(), _train_loader(dataset), _finetune(2, grounding_weight=3.0),
+            device="cpu", checkpoint_path=checkpoint, resume=True,
+        )  # fmt: skip
+    resumed = _chiqpm_model(seed=99)
+    result = train_model(
+        resumed, _train_loader(dataset), _finetune(2), device="cpu", checkpoint_path=checkpoint,
+        resume=True,
+    )  # fmt: skip
+    assert result.start_epoch == 1
+    _assert_same_weights(reference, resumed)
+
+
+def test_grounding_needs_a_qpm_head_and_valid_values() -> None:
+    loader = _train_loader(_dataset())
+    with pytest.raises(ValueError, match="grounding_weight=3.0 needs a QPM head.*DenseHead"):
+        train_model(_dense_model(), loader, _schedule(1, grounding_weight=3.0), device="cpu")
+    # weight 0 trains any head, whatever grounding_epochs says
+    train_model(_dense_model(), loader, _schedule(1, grounding_epochs=5), device="cpu")
+    for changes, message in (
+        ({"grounding_weight": -1.0}, "grounding_weight=-1.0, expected a finite number >= 0"),
+        ({"grounding_weight": float("inf")}, "grounding_weight=inf"),
+        ({"grounding_epochs": -1}, "grounding_epochs=-1, expected None or an integer >= 0"),
+        ({"grounding_epochs": 1.5}, "grounding_epochs=1.5"),
+        ({"grounding_epochs": True}, "grounding_epochs=True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _schedule(1, **changes)
+    schedule = _schedule(40, grounding_weight=3.0, grounding_epochs=30)
+    assert [schedule.grounding_weight_at(epoch) for epoch in (0, 29, 30, 39)] == [3, 3, 0, 0]
+    assert _schedule(40, grounding_weight=3.0).grounding_weight_at(39) == 3.0
+
+
+def _grounding_ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of a 2-process CHiQPM fine-tuning whose grounding stops after epoch 1."""
+    import torch.distributed as torch_distributed
+
+    torch.set_num_threads(1)
+    torch_distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        model = _chiqpm_model()
+        result = train_model(
+            model,
+            _train_loader(_dataset()),
+            _finetune(2, grounding_weight=3.0, grounding_epochs=1),
+            device="cpu",
+        )
+        # the parameters (batch-norm statistics are per rank: DDP broadcasts them before steps)
+        tensors = {key: value.detach().clone() for key, value in model.named_parameters()}
+        history = [record["grounding_loss"] for record in result.history]
+        save_file(
+            tensors,
+            str(Path(out_dir) / f"rank{rank}.safetensors"),
+            metadata={"grounding": json.dumps(history)},
+        )
+    finally:
+        torch_distributed.destroy_process_group()
+
+
+def test_grounding_epochs_reach_the_loss_under_distributed_data_parallel(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    torch.multiprocessing.spawn(_grounding_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = []
+    for rank in range(2):
+        with safe_open(str(tmp_path / f"rank{rank}.safetensors"), framework="pt") as handle:
+            grounding = json.loads(handle.metadata()["grounding"])
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        # the wrapped loss module saw the epoch: grounding in epoch 1 only
+        assert grounding[0] != 0.0 and grounding[1] == 0.0
+        ranks.append(weights)
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key

@@ -1,8 +1,11 @@
-"""The Feature Diversity Loss (Norrenbrock et al. 2022; QPM paper appendix M).
+"""The Feature Diversity Loss (Norrenbrock et al. 2022; QPM paper appendix M) and the Feature
+Grounding Loss of CHiQPM.
 
-It rewards the maps that the predicted class weights heavily for peaking at different places.
-Semantics follow the authors' code exactly (see ``feature_diversity_loss``); the total training
-loss is ``cross_entropy + feature_diversity_loss(...)`` (beta is applied inside).
+The diversity loss rewards the maps that the predicted class weights heavily for peaking at
+different places. Semantics follow the authors' code exactly (see ``feature_diversity_loss``);
+the total training loss is ``cross_entropy + feature_diversity_loss(...)`` (beta is applied
+inside). CHiQPM fine-tuning adds ``weight * feature_grounding_loss(...)``, which pushes each
+image's features of its true class above its other features.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 __all__ = [
     "DIVERSITY_BETA",
     "REFERENCE_BETA",
+    "REFERENCE_REMAINING_FACTOR",
     "default_diversity_beta",
     "feature_diversity_loss",
+    "feature_grounding_loss",
     "resolve_diversity_beta",
     "scaled_beta",
 ]
@@ -24,6 +29,14 @@ __all__ = [
 # clamped at 1e-6 (an all-zero sample then contributes 0 instead of NaN).
 _ROW_NORM_EPS = 1e-5
 _MIN_MAX_MEAN = 1e-6
+
+# The grounding loss divides each image's difference by its largest |feature|, at least this.
+_MIN_GROUNDING_SCALE = 0.01
+
+#: The factor on the mean of the unassigned features in the authors' grounding loss: their
+#: code multiplies by (1 + 1), a constant they call erroneous (with negligible effect) but kept
+#: for the paper's experiments.
+REFERENCE_REMAINING_FACTOR = 2.0
 
 #: beta of the ResNets with reduced strides (28x28 maps at 224 px), paper and code.
 REFERENCE_BETA = 0.196
@@ -123,6 +136,86 @@ def feature_diversity_loss(
     winner_log_softmax = winner_maps - log_normaliser.gather(1, winner)  # (B, h*w)
     channel_max = winner_log_softmax.exp() * scale.gather(1, winner)  # (B, h*w): max_k S
     return channel_max.sum() * (-beta / n_batch)
+
+
+def feature_grounding_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    class_feature_matrix: torch.Tensor,
+    *,
+    remaining_factor: float = REFERENCE_REMAINING_FACTOR,
+) -> torch.Tensor:
+    """The Feature Grounding Loss of CHiQPM: a batch's features of the true class should exceed
+    its other features.
+
+    For each image b with label y and a = W[y] (the class's binary row, k ones out of K):
+
+    * m_assigned = mean of features[b] over the columns where a is 1;
+    * m_rest = remaining_factor * mean of features[b] over the K - k columns where a is 0;
+    * scale = max(max_j |features[b, j]|, 0.01);
+    * loss_b = (m_rest - m_assigned) / scale;
+
+    and the loss is the mean of loss_b over the batch. It falls as the assigned features rise
+    and the others fall; dividing by the image's largest |feature| makes it independent of the
+    features' overall size. Gradients reach ``features`` (the scale included, as in the
+    authors' code), none reach the labels or the matrix.
+
+    ``remaining_factor`` defaults to 2.0 because the authors' code multiplies m_rest by
+    ``(1 + 1)``, a constant they call erroneous (with a negligible effect) but used for the
+    paper's experiments; 1.0 gives the plain difference of the two means. A class row with no
+    zero (k = K) gives m_rest = 0, one with no one gives m_assigned = 0 (a QPM head has neither
+    when it has two or more classes).
+
+    Args:
+        features: (B, K) the head's input, e.g. ``model.forward_head(maps, pre_logits=True)``
+            (for CHiQPM the rectified normalised features).
+        labels: (B,) true class indices in [0, n_c).
+        class_feature_matrix: (n_c, K) binary class-feature matrix, column j for feature j
+            (``model.head.weight`` of a QPM head).
+        remaining_factor: the factor on m_rest (see above).
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 features).
+
+    Raises:
+        ValueError: shapes that disagree (naming the argument) or a non-finite
+            ``remaining_factor``.
+
+    Example:
+        >>> features = model.forward_head(maps, pre_logits=True)
+        >>> logits = features @ model.head.weight.T
+        >>> loss = F.cross_entropy(logits, labels) + 3.0 * feature_grounding_loss(
+        ...     features, labels, model.head.weight)
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be (B, K), got shape {tuple(features.shape)}")
+    n_batch, n_features = features.shape
+    if n_batch == 0 or n_features == 0:
+        raise ValueError(f"features must hold at least one value, got {tuple(features.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != n_batch:
+        raise ValueError(
+            f"labels must be ({n_batch},), one class per row of features, got {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if class_feature_matrix.dim() != 2 or class_feature_matrix.shape[1] != n_features:
+        raise ValueError(
+            f"class_feature_matrix must be (n_classes, K={n_features}) to match the features, "
+            f"got {tuple(class_feature_matrix.shape)}"
+        )
+    if isinstance(remaining_factor, bool) or not math.isfinite(remaining_factor):
+        raise ValueError(f"remaining_factor must be a finite number, got {remaining_factor!r}")
+    # AMP may hand in half-precision features; the means and the division need float32.
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    values = features.to(dtype)  # (B, K)
+    assigned = class_feature_matrix.detach().to(dtype).index_select(0, labels.long())  # (B, K)
+    n_assigned = assigned.sum(dim=1)  # (B,)
+    # an empty set's mean is 0: the sum is 0 and the count is clamped at 1
+    mean_assigned = (values * assigned).sum(dim=1) / n_assigned.clamp(min=1.0)  # (B,)
+    mean_rest = (values * (1.0 - assigned)).sum(dim=1) / (n_features - n_assigned).clamp(min=1.0)
+    difference = float(remaining_factor) * mean_rest - mean_assigned  # (B,)
+    scale = values.abs().amax(dim=1).clamp(min=_MIN_GROUNDING_SCALE)  # (B,)
+    return (difference / scale).mean()
 
 
 def scaled_beta(

@@ -4,7 +4,8 @@ The loop follows the reference recipe (paper App. C, reference code): SGD with m
 decay, one learning rate for the backbone and one for the head, a StepLR schedule stepped once per
 epoch, and the loss cross-entropy + feature diversity loss. The same function fine-tunes a QPM:
 its head has no trainable parameter (the binary assignment, the mean and the std are frozen), so
-only the backbone moves.
+only the backbone moves. CHiQPM fine-tuning adds the feature grounding loss for its first epochs
+(``TrainingSchedule.grounding_weight`` and ``grounding_epochs``).
 
 Exact resume: at the end of every epoch a checkpoint is written atomically (one safetensors file:
 model, optimizer and grad-scaler tensors, with the epoch, the schedule, the hyperparameters and the
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -60,9 +61,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from openqpm import distributed as _distributed
 from openqpm._io import atomic_path, eval_mode, is_main_process, read_json_header, unpack_batch
-from openqpm.losses import feature_diversity_loss
+from openqpm.losses import feature_diversity_loss, feature_grounding_loss
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; models import torchvision
+    from openqpm.models.head import QPMHead
     from openqpm.models.model import QPMModel
 
 __all__ = [
@@ -82,6 +84,9 @@ _logger = logging.getLogger(__name__)
 _CHECKPOINT_FORMAT = "openqpm.training_checkpoint"
 _CHECKPOINT_VERSION = 1
 _METADATA_KEY = "openqpm_checkpoint"
+# Hyperparameters recorded since a later version, with the value that checkpoints without them
+# were trained with.
+_ADDED_HYPERPARAMETERS: dict[str, Any] = {"grounding_weight": 0.0, "grounding_epochs": None}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -117,11 +122,14 @@ class TrainingProgress:
         n_epochs: epochs of the whole run.
         step: steps done in this epoch, 1-based.
         n_steps: steps per epoch.
-        loss: mean training loss over this epoch so far (cross-entropy + diversity).
+        loss: mean training loss over this epoch so far (cross-entropy + diversity +
+            grounding).
         accuracy: training accuracy over this epoch so far, a fraction (dropout active).
         lr: the backbone's current learning rate (the head's when the backbone is frozen).
         elapsed_s: seconds since this call started.
         eta_s: estimated seconds until the run's last epoch ends.
+        grounding_loss: mean weighted feature grounding term over this epoch so far (0 when
+            the schedule does not apply it in this epoch).
     """
 
     epoch: int
@@ -133,6 +141,7 @@ class TrainingProgress:
     lr: float
     elapsed_s: float
     eta_s: float
+    grounding_loss: float = 0.0
 
 
 @dataclass
@@ -143,8 +152,10 @@ class TrainingResult:
         model: the trained model (the object passed in, trained in place), in train mode.
         history: one dict per finished epoch (including epochs restored from a checkpoint):
             ``epoch`` (1-based), ``loss``, ``cross_entropy``, ``diversity_loss``,
-            ``train_accuracy`` (fraction), ``lr_backbone``, ``lr_head``, ``time_s``,
-            ``test_accuracy`` (fraction, or None when not evaluated).
+            ``grounding_loss`` (the weighted term, 0 when not applied; absent from the records
+            of checkpoints written before it existed), ``train_accuracy`` (fraction),
+            ``lr_backbone``, ``lr_head``, ``time_s``, ``test_accuracy`` (fraction, or None when
+            not evaluated).
         epochs_completed: epochs finished in total.
         start_epoch: epochs that were already done when this call started (from the checkpoint).
         checkpoint_path: the checkpoint file, or None.
@@ -168,6 +179,12 @@ class TrainingSchedule:
     40 epochs at 1e-4, momentum 0.95, StepLR 10 x 0.4). Resuming a checkpoint written with other
     values is refused, except for ``epochs`` (which may grow) and ``amp`` off CUDA (unused there).
 
+    CHiQPM fine-tuning adds ``grounding_weight * feature_grounding_loss`` (see
+    :func:`openqpm.losses.feature_grounding_loss`) in the epochs ``0 .. grounding_epochs - 1``
+    (every epoch when ``grounding_epochs`` is None); the authors use weight 3 for the first 30 of
+    40 epochs. It needs a QPM head (a binary class-feature matrix). With weight 0 (the default)
+    training is exactly the QPM one.
+
     Raises:
         ValueError: a value out of range, naming the field, the value and what was expected.
     """
@@ -182,9 +199,16 @@ class TrainingSchedule:
     diversity_beta: float  # weight of the feature diversity loss; 0 = cross-entropy only
     amp: bool = True  # mixed precision (autocast + GradScaler); used on CUDA only
     seed: int = 0  # with the epoch and the rank, derives the randomness of every epoch
+    grounding_weight: float = 0.0  # weight of the feature grounding loss (CHiQPM); 0 = none
+    grounding_epochs: int | None = None  # epochs (from 0) with grounding; None = all of them
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def grounding_weight_at(self, epoch: int) -> float:
+        """The grounding loss weight in epoch ``epoch`` (0-based): the weight, or 0 after
+        ``grounding_epochs``."""
+        return _grounding_weight_at(self.grounding_weight, self.grounding_epochs, epoch)
 
     def validate(self) -> None:
         """Check every value (called when the schedule is built).
@@ -203,6 +227,22 @@ class TrainingSchedule:
             "gamma": (self.gamma > 0, "> 0"),
             "diversity_beta": (math.isfinite(self.diversity_beta), "finite"),
             "seed": (isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+            "grounding_weight": (
+                not isinstance(self.grounding_weight, bool)
+                and isinstance(self.grounding_weight, (int, float))
+                and math.isfinite(self.grounding_weight)
+                and self.grounding_weight >= 0,
+                "a finite number >= 0",
+            ),
+            "grounding_epochs": (
+                self.grounding_epochs is None
+                or (
+                    isinstance(self.grounding_epochs, int)
+                    and not isinstance(self.grounding_epochs, bool)
+                    and self.grounding_epochs >= 0
+                ),
+                "None or an integer >= 0",
+            ),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -336,19 +376,69 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, *, device: torch.dev
 # ----------------------------------------------------------------------------- the loss
 
 
-class _LossModule(nn.Module):
-    """Forward pass and loss in one module, so that DistributedDataParallel sees the whole step."""
+def _grounding_weight_at(weight: float, epochs: int | None, epoch: int) -> float:
+    """``weight`` in epoch ``epoch`` (0-based) when it is below ``epochs`` (None: always), else 0."""
+    if epochs is not None and epoch >= epochs:
+        return 0.0
+    return float(weight)
 
-    def __init__(self, model: QPMModel, *, diversity_beta: float) -> None:
+
+class _LossModule(nn.Module):
+    """Forward pass and loss in one module, so that DistributedDataParallel sees the whole step.
+
+    The loss is cross-entropy + the feature diversity loss (beta inside) + ``grounding_weight``
+    times the feature grounding loss while ``epoch`` (0-based) is below ``grounding_epochs``.
+    The training loop sets ``epoch`` at the start of every epoch (on this module, not on its
+    DistributedDataParallel wrapper). Without grounding in the current epoch the step is exactly
+    the QPM step: the same operations and random draws.
+
+    Raises:
+        ValueError: a positive ``grounding_weight`` with a head that is not a QPM head.
+    """
+
+    def __init__(
+        self,
+        model: QPMModel,
+        *,
+        diversity_beta: float,
+        grounding_weight: float = 0.0,
+        grounding_epochs: int | None = None,
+    ) -> None:
         super().__init__()
+        if grounding_weight > 0 and not getattr(model, "is_qpm", False):
+            head = getattr(model, "head", None)
+            raise ValueError(
+                f"grounding_weight={grounding_weight!r} needs a QPM head (a binary "
+                f"class-feature matrix), but the model's head is a {type(head).__name__}; set "
+                "grounding_weight=0 to train it"
+            )
         self.model = model
         self.diversity_beta = diversity_beta
+        self.grounding_weight = grounding_weight
+        self.grounding_epochs = grounding_epochs
+        self.epoch = 0  # the current epoch (0-based), set by the training loop
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, then detached: the cross-entropy, the (2,) regularisation terms (diversity,
+        weighted grounding) and the logits."""
         feature_maps = self.model.forward_features(images)  # (B, n_f, h, w)
-        logits = self.model.forward_head(feature_maps)  # (B, n_c)
+        grounding_weight = _grounding_weight_at(
+            self.grounding_weight, self.grounding_epochs, self.epoch
+        )
+        grounding: torch.Tensor | None = None
+        if grounding_weight == 0.0:
+            logits = self.model.forward_head(feature_maps)  # (B, n_c)
+        else:
+            # the head's input and the logits from the same tensor: dropout is drawn once
+            head = cast("QPMHead", self.model.head)  # checked when the module was built
+            pre_logits = self.model.forward_head(feature_maps, pre_logits=True)  # (B, K)
+            logits = head.logits_from_pre_logits(pre_logits)  # (B, n_c)
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                grounding = grounding_weight * feature_grounding_loss(
+                    pre_logits.float(), labels, head.weight
+                )
         cross_entropy = functional.cross_entropy(logits.float(), labels)
         if self.diversity_beta == 0.0:
             diversity = torch.zeros((), device=logits.device)
@@ -364,7 +454,19 @@ class _LossModule(nn.Module):
                     beta=self.diversity_beta,
                 )
         loss = cross_entropy + diversity
-        return loss, cross_entropy.detach(), diversity.detach(), logits.detach()
+        if grounding is None:
+            grounding = torch.zeros((), device=logits.device)
+        else:
+            loss = loss + grounding
+        regularisers = torch.stack([diversity.detach().float(), grounding.detach().float()])
+        return loss, cross_entropy.detach(), regularisers, logits.detach()
+
+
+def _set_loss_epoch(loss_module: nn.Module, epoch: int) -> None:
+    """Tell the loss module (inside its DistributedDataParallel wrapper, if any) the epoch."""
+    inner = loss_module.module if isinstance(loss_module, DistributedDataParallel) else loss_module
+    if isinstance(inner, _LossModule):
+        inner.epoch = epoch
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -473,8 +575,12 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 def _check_compatible(path: Path, document: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint written with other settings; name every difference."""
-    stored = document.get("hyperparameters", {})
+    """Refuse to resume a checkpoint written with other settings; name every difference.
+
+    A setting added after a checkpoint was written counts as its default there (see
+    ``_ADDED_HYPERPARAMETERS``), so such a checkpoint resumes when the setting is at its default.
+    """
+    stored = {**_ADDED_HYPERPARAMETERS, **document.get("hyperparameters", {})}
     differences = [
         f"{name}: checkpoint {stored.get(name)!r}, now {value!r}"
         for name, value in expected.items()
@@ -665,6 +771,8 @@ def _hyperparameters(
         "step_size_epochs": schedule.step_size_epochs,
         "gamma": schedule.gamma,
         "diversity_beta": schedule.diversity_beta,
+        "grounding_weight": schedule.grounding_weight,
+        "grounding_epochs": schedule.grounding_epochs,
         "seed": schedule.seed,
         "world_size": _distributed.world_size(),
         "n_steps_per_epoch": n_steps,
@@ -684,8 +792,15 @@ def _set_up(
     """Move ``model`` to ``device`` and build the loss module, optimizer, scheduler and scaler.
 
     Raises:
-        ValueError: the model has no trainable parameter, or the loader yields no batch.
+        ValueError: the model has no trainable parameter, the loader yields no batch, or the
+            schedule has a grounding weight and the model no QPM head.
     """
+    loss_module = _LossModule(
+        model,
+        diversity_beta=schedule.diversity_beta,
+        grounding_weight=schedule.grounding_weight,
+        grounding_epochs=schedule.grounding_epochs,
+    )
     use_amp = schedule.amp and device.type == "cuda"
     model.to(device)
     optimizer, scheduler, scaler = _build_optimizer(model, schedule, device=device, use_amp=use_amp)
@@ -694,7 +809,7 @@ def _set_up(
         raise ValueError("train_model: the training loader yields no batch")
     return _TrainingState(
         model=model,
-        loss_module=_LossModule(model, diversity_beta=schedule.diversity_beta),
+        loss_module=loss_module,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -751,8 +866,9 @@ class _ProgressClock:
     ) -> None:
         """Count a step (``epoch`` 0-based, ``step`` 1-based) and report the epoch so far.
 
-        ``sums[0]`` is the loss summed over the epoch's images, ``counts`` is (correct, images)
-        and the first parameter group's learning rate is reported.
+        ``sums`` holds the loss, cross-entropy, diversity and grounding terms summed over the
+        epoch's images, ``counts`` is (correct, images) and the first parameter group's learning
+        rate is reported.
         """
         self.steps_done += 1
         if self.callback is None:
@@ -770,22 +886,24 @@ class _ProgressClock:
                 lr=float(optimizer.param_groups[0]["lr"]),
                 elapsed_s=elapsed_s,
                 eta_s=elapsed_s / self.steps_done * steps_left,
+                grounding_loss=float(sums[3] / counts[1]),
             )
         )
 
 
 def _forward(
     state: _TrainingState, batch: Any
-) -> tuple[torch.Tensor, tuple[float, float, float, int], int]:
-    """The loss of one batch, its values on the host (loss, ce, diversity, correct), its size."""
+) -> tuple[torch.Tensor, tuple[float, float, float, float, int], int]:
+    """The loss of one batch, its values on the host (loss, ce, diversity, grounding, correct),
+    its size."""
     images, labels = unpack_batch(batch, name="the training loader")
     images = images.to(state.device, non_blocking=True)
     labels = labels.to(state.device, non_blocking=True).long()
     with torch.autocast(device_type=state.device.type, enabled=state.use_amp):
-        loss, cross_entropy, diversity, logits = state.loss_module(images, labels)
+        loss, cross_entropy, regularisers, logits = state.loss_module(images, labels)
     # One host-device sync per step, for the NaN check and the running statistics together;
     # backward and the update then run without waiting for the host.
-    values = _step_values(loss, cross_entropy, diversity, logits, labels)
+    values = _step_values(loss, cross_entropy, regularisers, logits, labels)
     return loss, values, int(labels.numel())
 
 
@@ -807,8 +925,8 @@ def _train_one_epoch(
 
     Returns:
         The epoch's record without ``time_s`` and ``test_accuracy``: ``epoch`` (1-based), the
-        mean ``loss``, ``cross_entropy``, ``diversity_loss`` and ``train_accuracy`` over all
-        ranks, and the learning rates the epoch ran at.
+        mean ``loss``, ``cross_entropy``, ``diversity_loss``, ``grounding_loss`` and
+        ``train_accuracy`` over all ranks, and the learning rates the epoch ran at.
 
     Raises:
         TrainingDivergedError: a non-finite loss (on any rank), before its step is applied.
@@ -817,18 +935,24 @@ def _train_one_epoch(
     set_epoch = getattr(loader.sampler, "set_epoch", None)
     if callable(set_epoch):
         set_epoch(epoch)
+    _set_loss_epoch(state.loss_module, epoch)  # the grounding loss applies in early epochs only
     state.model.train()
-    sums = np.zeros(3, dtype=np.float64)  # loss, cross-entropy, diversity: sums over images
+    sums = np.zeros(4, dtype=np.float64)  # loss, ce, diversity, grounding: sums over images
     counts = np.zeros(2, dtype=np.int64)  # correct predictions, images
     for step, batch in enumerate(loader, start=1):
         loss, values, size = _forward(state, batch)
-        loss_value, cross_entropy_value, diversity_value, n_correct = values
+        loss_value, cross_entropy_value, diversity_value, grounding_value, n_correct = values
         if not math.isfinite(loss_value):
             raise _diverged(
                 loss_value, epoch=epoch, step=step, n_steps=len(loader), checkpoint=state.checkpoint
             )
         _apply_step(state, loss)
-        sums += (loss_value * size, cross_entropy_value * size, diversity_value * size)
+        sums += (
+            loss_value * size,
+            cross_entropy_value * size,
+            diversity_value * size,
+            grounding_value * size,
+        )
         counts += (n_correct, size)
         clock.step_done(epoch=epoch, step=step, sums=sums, counts=counts, optimizer=state.optimizer)
     lr_rates = {name: _group_lr(state.optimizer, name) for name in ("backbone", "head")}
@@ -840,6 +964,7 @@ def _train_one_epoch(
         "loss": float(totals["sums"][0] / n_images),
         "cross_entropy": float(totals["sums"][1] / n_images),
         "diversity_loss": float(totals["sums"][2] / n_images),
+        "grounding_loss": float(totals["sums"][3] / n_images),
         "train_accuracy": float(totals["counts"][0] / n_images),
         "lr_backbone": lr_rates["backbone"],
         "lr_head": lr_rates["head"],
@@ -858,16 +983,17 @@ def _evaluate_if_due(
     return accuracy
 
 
-def _log_epoch(record: dict[str, Any], *, epochs: int) -> None:
-    """One INFO line per finished epoch."""
+def _log_epoch(record: dict[str, Any], *, epochs: int, grounding: bool = False) -> None:
+    """One INFO line per finished epoch (with the grounding term when ``grounding``)."""
     test_accuracy = record["test_accuracy"]
     _logger.info(
-        "epoch %d/%d: loss %.4f (ce %.4f, diversity %.4f), train accuracy %.2f%%%s, %.1f s",
+        "epoch %d/%d: loss %.4f (ce %.4f, diversity %.4f%s), train accuracy %.2f%%%s, %.1f s",
         record["epoch"],
         epochs,
         record["loss"],
         record["cross_entropy"],
         record["diversity_loss"],
+        f", grounding {record['grounding_loss']:.4f}" if grounding else "",
         100 * record["train_accuracy"],
         "" if test_accuracy is None else f", test accuracy {100 * test_accuracy:.2f}%",
         record["time_s"],
@@ -891,13 +1017,16 @@ def train_model(
 
     SGD over a backbone and a head group (a QPM head has no trainable parameter, so only the
     backbone moves), StepLR stepped once per epoch, loss = cross-entropy + the feature diversity
-    loss (with a dense head's live weight, as the reference code). A checkpoint after every epoch.
+    loss (with a dense head's live weight, as the reference code) + for CHiQPM the weighted
+    feature grounding loss in the schedule's first ``grounding_epochs`` epochs. A checkpoint
+    after every epoch.
 
     Args:
         model: a :class:`openqpm.models.QPMModel` (dense or QPM head), moved to ``device``.
         train_loader: yields ``(images, labels)``; from :func:`make_loader` (``train=True``), its
             order derives from the seed and the epoch (exact resume; needed under DDP).
-        schedule: epochs, learning rates, SGD and StepLR values, diversity beta, AMP, seed.
+        schedule: epochs, learning rates, SGD and StepLR values, diversity beta, AMP, seed,
+            grounding weight and epochs (a positive weight needs a QPM head).
         device: where to train.
         checkpoint_path: rewritten atomically after every epoch; None for no checkpoint.
         resume: go on from ``checkpoint_path`` when it exists (written with the same schedule;
@@ -937,7 +1066,7 @@ def train_model(
         )
         record.update(time_s=time.perf_counter() - epoch_start, test_accuracy=test_accuracy)
         state.history.append(record)
-        _log_epoch(record, epochs=schedule.epochs)
+        _log_epoch(record, epochs=schedule.epochs, grounding=schedule.grounding_weight > 0)
         if checkpoint is not None and is_main_process():
             _save_checkpoint(checkpoint, state, epochs_completed=epoch + 1, epochs=schedule.epochs)
         _distributed.barrier()
@@ -975,23 +1104,29 @@ def _diverged(
 def _step_values(
     loss: torch.Tensor,
     cross_entropy: torch.Tensor,
-    diversity: torch.Tensor,
+    regularisers: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-) -> tuple[float, float, float, int]:
-    """Loss, its two terms and the number of correct predictions, fetched in one transfer.
+) -> tuple[float, float, float, float, int]:
+    """Loss, its three terms (cross-entropy, then ``regularisers``: diversity and grounding) and
+    the number of correct predictions, fetched in one transfer.
 
     Under torch.distributed a NaN on any rank is made visible to every rank (a max over ranks
     of a non-finite flag), so that all stop together instead of waiting for each other forever.
     """
     n_correct = (logits.argmax(dim=1) == labels).sum()
-    values = torch.stack(
-        [loss.detach().float(), cross_entropy.float(), diversity.float(), n_correct.float()]
-    )  # (4,)
+    values = torch.cat(
+        [
+            loss.detach().float().reshape(1),
+            cross_entropy.float().reshape(1),
+            regularisers.float().reshape(2),
+            n_correct.float().reshape(1),
+        ]
+    )  # (5,)
     if _distributed.is_distributed():
         non_finite = (~torch.isfinite(values[:1])).float().to(_distributed.communication_device())
         torch_distributed.all_reduce(non_finite, op=torch_distributed.ReduceOp.MAX)
         if non_finite.item() > 0:
             values[0] = float("nan")
-    loss_value, cross_entropy_value, diversity_value, correct = values.tolist()
-    return loss_value, cross_entropy_value, diversity_value, int(correct)
+    loss_value, cross_entropy_value, diversity_value, grounding_value, correct = values.tolist()
+    return loss_value, cross_entropy_value, diversity_value, grounding_value, int(correct)

@@ -54,6 +54,12 @@ table.metrics .what {
   text-align: left; white-space: normal; color: var(--muted); font-size: 13px; min-width: 260px;
 }
 .table-scroll { overflow-x: auto; }
+table.conformal th.score { text-align: center; border-left: 1px solid var(--line); }
+table.conformal thead tr:first-child th { border-bottom: none; }
+.tree-img {
+  display: block; max-width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line);
+}
+p.calibrated { margin: 10px 0 0; }
 .search { display: flex; gap: 12px; align-items: center; margin-bottom: 14px; }
 .search input {
   flex: 1; font: inherit; padding: 10px 14px; border-radius: 10px; border: 1px solid #cfd5e3;

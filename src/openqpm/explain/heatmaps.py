@@ -4,6 +4,12 @@ A heatmap shows where a feature is active: its map is upsampled bilinearly to th
 blended, in the feature's colour, over a dimmed greyscale copy of the image. The brightness is
 ``map / scale_max``; giving two images the same ``scale_max`` (the larger of their two maxima)
 makes them comparable: the weaker image is drawn dimmer, as in the paper's figures.
+
+Certainty-carrying heatmaps (CHiQPM) make brightness mean *strength*: the map is first put in
+the units of the head's input with :func:`to_head_units` and then drawn with
+``strength_scale`` = the feature's typical strength, :func:`active_means` of the head-input
+activations of the training images. Full brightness then means "as strong here as the feature
+usually is on the training images where it is active", whatever this image's own maximum is.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from PIL import Image
 from openqpm._io import atomic_path
 
 __all__ = [
+    "active_means",
     "assign_feature_colors",
     "composite_overlay",
     "display_image",
     "feature_palette",
     "heatmap_overlay",
     "save_png",
+    "to_head_units",
     "upsample_map",
 ]
 
@@ -136,27 +144,114 @@ def _dimmed_gray(rgb: np.ndarray) -> np.ndarray:
     return 0.16 + 0.52 * gray  # dark enough that colour stands out, light enough to see the image
 
 
+def active_means(activations: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Each feature's typical strength: its mean activation over the rows where it is active.
+
+    The scale of certainty-carrying heatmaps (CHiQPM): pass the head-input activations of the
+    *training* images (``model.forward_head(maps, pre_logits=True)``, a QPM's normalised
+    features). A feature is active on a row when its activation is > 0.
+
+    Args:
+        activations: (N, K) finite head-input activations.
+
+    Returns:
+        (K,) float64, every entry finite and > 0. A feature that is never active (no row > 0,
+        or N = 0) gets its largest absolute activation instead, or 1.0 when that is 0 too, so
+        the result can always divide.
+
+    Raises:
+        ValueError: for an array that is not 2-D or holds NaN or infinity.
+    """
+    values = np.asarray(
+        activations.detach().cpu() if isinstance(activations, torch.Tensor) else activations,
+        dtype=np.float64,
+    )
+    if values.ndim != 2:
+        raise ValueError(f"activations must be (N, K), got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError("activations must be finite")
+    active = values > 0  # (N, K)
+    counts = active.sum(axis=0)  # (K,)
+    sums = np.where(active, values, 0.0).sum(axis=0)
+    largest = np.abs(values).max(axis=0) if len(values) else np.zeros(values.shape[1])
+    fallback = np.where(largest > 0, largest, 1.0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
+
+
+def to_head_units(
+    feature_maps: np.ndarray | torch.Tensor,
+    mean: np.ndarray | torch.Tensor | Sequence[float],
+    std: np.ndarray | torch.Tensor | Sequence[float],
+) -> np.ndarray:
+    """Feature maps in the units of the head's input, position by position.
+
+    The head reads feature j as ``z_j = (mean over positions of M_j - mean_j) / std_j``. Each
+    position p is given the same affine map, ``u_j(p) = (M_j(p) - mean_j) / std_j``: the value
+    z_j would take if every position looked like p. So the mean of ``u_j`` over the positions
+    is exactly ``z_j`` (a CHiQPM head reads its ReLU, ``max(z_j, 0)``), and a position below the
+    training mean is negative (not drawn: drawing clips at 0, as the ReLU does).
+
+    Args:
+        feature_maps: (..., K, h, w) head feature maps (``model.head_feature_maps``).
+        mean: (K,) the head's normalisation mean (``model.head.mean``).
+        std: (K,) the std the head divides by, > 0 (a QPM: ``max(head.std, 1e-6)``).
+
+    Returns:
+        float32 array of the shape of ``feature_maps``.
+
+    Raises:
+        ValueError: for mismatched shapes or a std that is not > 0.
+    """
+    maps = np.asarray(
+        feature_maps.detach().cpu() if isinstance(feature_maps, torch.Tensor) else feature_maps,
+        dtype=np.float64,
+    )
+    offsets, units = (
+        np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+        for v in (mean, std)
+    )
+    if maps.ndim < 3 or offsets.shape != (maps.shape[-3],) or units.shape != offsets.shape:
+        raise ValueError(
+            f"need (..., K, h, w) maps with (K,) mean and std, got {maps.shape}, "
+            f"{offsets.shape} and {units.shape}"
+        )
+    if not (units > 0).all():
+        raise ValueError("std must be > 0 for every feature")
+    return ((maps - offsets[:, None, None]) / units[:, None, None]).astype(np.float32)
+
+
 def heatmap_overlay(
     image: Image.Image | np.ndarray,
     feature_map: np.ndarray | torch.Tensor,
     color: Sequence[float] | np.ndarray,
     *,
     scale_max: float | None = None,
+    strength_scale: float | None = None,
 ) -> np.ndarray:
     """One feature's map in its colour over a dimmed greyscale copy of the image.
 
     Args:
         image: PIL image or (H, W, 3) array (uint8, or floats in [0, 1]).
-        feature_map: (h, w) non-negative activations, upsampled to the image.
+        feature_map: (h, w) non-negative activations, upsampled to the image; with
+            ``strength_scale``, the map in head-input units (:func:`to_head_units`).
         color: RGB in [0, 1].
         scale_max: the activation drawn at full brightness; default this map's maximum. Pass
             one shared value to compare images.
+        strength_scale: certainty-carrying drawing (instead of ``scale_max``): the feature's
+            typical strength, ``active_means(training activations)[j]``, > 0. The brightness
+            is ``feature_map / strength_scale`` clipped to [0, 1], so a feature with a twice
+            larger typical strength is drawn half as bright, and negative positions (below the
+            feature's training mean) are not drawn.
 
     Returns:
         (H, W, 3) uint8.
+
+    Raises:
+        ValueError: when both scales are given, or ``strength_scale`` is not > 0.
     """
     rgb = _as_rgb_array(image)
-    level = _levels(feature_map, rgb.shape[:2], scale_max)
+    top = _full_brightness(scale_max, strength_scale)
+    level = _levels(feature_map, rgb.shape[:2], top)
     return _blend(rgb, level, np.broadcast_to(np.asarray(color, dtype=np.float64), rgb.shape))
 
 
@@ -166,34 +261,60 @@ def composite_overlay(
     colors: np.ndarray,
     *,
     scale_maxes: Sequence[float] | np.ndarray | None = None,
+    strength_scales: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Several features over one image: each pixel takes the colour of its strongest feature.
 
     Args:
         image: PIL image or (H, W, 3) array.
-        feature_maps: (k, h, w).
+        feature_maps: (k, h, w); with ``strength_scales`` in head-input units
+            (:func:`to_head_units`).
         colors: (k, 3) RGB in [0, 1].
         scale_maxes: (k,) full-brightness activation per feature; default each map's maximum.
+        strength_scales: (k,) certainty-carrying drawing instead of ``scale_maxes``: each
+            feature's typical strength (see :func:`heatmap_overlay`), so the strongest feature
+            at a pixel is the one strongest relative to its own typical strength.
 
     Returns:
         (H, W, 3) uint8; the image itself when there is no feature (k = 0: a sparse baseline's
         class can lose every weight).
+
+    Raises:
+        ValueError: for mismatched shapes, both kinds of scale, or a strength that is not > 0.
     """
     rgb = _as_rgb_array(image)
     maps = np.asarray(feature_maps, dtype=np.float32)
     if maps.ndim != 3 or len(colors) != len(maps):
         raise ValueError(f"need (k, h, w) maps and k colours, got {maps.shape} and {len(colors)}")
+    for name, scales in (("scale_maxes", scale_maxes), ("strength_scales", strength_scales)):
+        if scales is not None and len(scales) != len(maps):
+            raise ValueError(f"{name} has {len(scales)} entries for {len(maps)} maps")
     if len(maps) == 0:  # no feature is active anywhere: the background alone
         return _blend(rgb, np.zeros(rgb.shape[:2]), rgb)
+    tops = [
+        _full_brightness(
+            None if scale_maxes is None else float(scale_maxes[i]),
+            None if strength_scales is None else float(strength_scales[i]),
+        )
+        for i in range(len(maps))
+    ]
     levels = np.stack(
-        [
-            _levels(maps[i], rgb.shape[:2], None if scale_maxes is None else scale_maxes[i])
-            for i in range(len(maps))
-        ]
+        [_levels(maps[i], rgb.shape[:2], tops[i]) for i in range(len(maps))]
     )  # (k, H, W)
     strongest = levels.argmax(axis=0)  # (H, W)
     color_image = np.asarray(colors, dtype=np.float64)[strongest]  # (H, W, 3)
     return _blend(rgb, levels.max(axis=0), color_image)
+
+
+def _full_brightness(scale_max: float | None, strength_scale: float | None) -> float | None:
+    """The map value drawn at full brightness; None: the map's own maximum."""
+    if strength_scale is None:
+        return scale_max
+    if scale_max is not None:
+        raise ValueError("give scale_max or strength_scale, not both")
+    if not (np.isfinite(strength_scale) and strength_scale > 0):
+        raise ValueError(f"strength_scale must be finite and > 0, got {strength_scale}")
+    return float(strength_scale)
 
 
 def _levels(

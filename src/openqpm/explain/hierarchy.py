@@ -192,6 +192,37 @@ def hierarchy_figure(
     Returns:
         The figure.
     """
+    colors = _checked_colors(explanation, class_names, feature_colors, max_classes, feature_labels)
+    calibrated = {int(c) for c in calibrated_set} if calibrated_set is not None else set()
+    rows = _leaf_rows(explanation, calibrated, max_classes)
+    if ax is None:
+        figure = Figure(figsize=(1.3 * (explanation.k + 1) + 3.2, 1.6 + 0.32 * max(len(rows), 3)))
+        ax = figure.add_subplot(1, 1, 1)
+    else:
+        figure = _figure_of(ax)
+    _draw_path(ax, explanation, colors, feature_labels)
+    row_y = _draw_leaves(ax, explanation, rows, class_names, calibrated)
+    title = "Hierarchical explanation"
+    if calibrated:
+        title += f" (boxed: calibrated set, {len(calibrated)} classes)"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(-0.5, _leaf_x(explanation) + 2.6)
+    ax.set_ylim(min(row_y, default=-1.0) - 0.45, 0.9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return figure
+
+
+def _checked_colors(
+    explanation: HierarchicalExplanation,
+    class_names: Sequence[str],
+    feature_colors: ArrayLike,
+    max_classes: int,
+    feature_labels: Sequence[str] | None,
+) -> np.ndarray:
+    """The feature colours as a (K, 3|4) array, after checking every argument of the figure."""
     n_classes = len(explanation.levels[0])
     if len(class_names) != n_classes:
         raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
@@ -204,23 +235,25 @@ def hierarchy_figure(
         raise ValueError(f"{colors.shape[0]} feature colours do not cover path {explanation.path}")
     if feature_labels is not None and any(d >= len(feature_labels) for d in explanation.path):
         raise ValueError(f"{len(feature_labels)} feature labels do not cover the path")
-    calibrated = {int(c) for c in calibrated_set} if calibrated_set is not None else set()
+    return colors
 
+
+def _leaf_x(explanation: HierarchicalExplanation) -> float:
+    """Where the column of class names starts."""
+    return explanation.k + 0.9
+
+
+def _draw_path(
+    ax: Axes,
+    explanation: HierarchicalExplanation,
+    colors: np.ndarray,
+    feature_labels: Sequence[str] | None,
+) -> None:
+    """The root and the predicted path along the top, each node with its label and level size."""
     k = explanation.k
-    rows = _leaf_rows(explanation, calibrated, max_classes)
-    n_rows = len(rows)
-    if ax is None:
-        figure = Figure(figsize=(1.3 * (k + 1) + 3.2, 1.6 + 0.32 * max(n_rows, 3)))
-        ax = figure.add_subplot(1, 1, 1)
-    else:
-        figure = _figure_of(ax)
-
-    leaf_x = k + 0.9
-    row_y = [-(0.75 + 0.5 * i) for i in range(n_rows)]
-
-    # the predicted path
     ax.plot(range(k + 1), [0.0] * (k + 1), color=_EDGE_COLOR, lw=2, zorder=1)
     ax.scatter([0], [0], s=260, color=_ROOT_COLOR, zorder=3, gid="hierarchy-root")
+    n_classes = len(explanation.levels[0])
     ax.text(0, 0.28, f"all {n_classes}\nclasses", ha="center", va="bottom", fontsize=8)
     for j, (feature, activation) in enumerate(
         zip(explanation.path, explanation.activations), start=1
@@ -249,8 +282,20 @@ def hierarchy_figure(
             color="0.35",
         )
 
-    # the leaves: an elbow from the node each class leaves at; deeper groups lie higher, so
-    # the elbows never cross
+
+def _draw_leaves(
+    ax: Axes,
+    explanation: HierarchicalExplanation,
+    rows: list[tuple[int, int | None, int]],
+    class_names: Sequence[str],
+    calibrated: set[int],
+) -> list[float]:
+    """The class column: an elbow from the node each class leaves at; returns the rows' y.
+
+    Deeper groups lie higher, so the elbows never cross.
+    """
+    leaf_x = _leaf_x(explanation)
+    row_y = [-(0.75 + 0.5 * i) for i in range(len(rows))]
     lowest: dict[int, float] = {}
     for (j, _, _), y in zip(rows, row_y):
         lowest[j] = min(lowest.get(j, 0.0), y)
@@ -289,15 +334,4 @@ def hierarchy_figure(
                     "linewidth": 1.2,
                 }
             )
-
-    title = "Hierarchical explanation"
-    if calibrated:
-        title += f" (boxed: calibrated set, {len(calibrated)} classes)"
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(-0.5, leaf_x + 2.6)
-    ax.set_ylim(min(row_y, default=-1.0) - 0.45, 0.9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    return figure
+    return row_y

@@ -6,6 +6,7 @@ Layout of ``out_dir``::
     pairs.html          every contrastive pair figure (two classes differing in one feature)
     classes/c0007.html  one page per class: its features on an example image, why this class
                         and not the runner-up, the classes it is contrasted with, a mistake
+                        (and, with ``hierarchy``, the tree of its example: img/tree_c0007.png)
     features/f0012.html one page per feature: its classes, the test images where it is strongest
     img/                PNG images
     style.css
@@ -46,17 +47,45 @@ from openqpm.explain.heatmaps import (
     display_image,
     heatmap_overlay,
     save_png,
+    to_head_units,
 )
+from openqpm.explain.hierarchy import hierarchical_explanation, hierarchy_figure
 from openqpm.metrics import describe, format_metric, names
+from openqpm.models.head import _MIN_STD
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["write_report"]
 
 ProgressCallback = Callable[[str, int, int], None]
+# (logits (n_c,), head-input activations (K,)) -> the class indices of a calibrated set
+PredictionSetFn = Callable[[np.ndarray, np.ndarray], Any]
 
 _TILE_PX = 176  # side of every heatmap tile; matches the CSS
 _PAIR_DPI = 90
+_TREE_ALPHA = 0.1  # the miscoverage level of the calibrated set the caller's function returns
+_CERTAINTY_NOTE = (
+    "Heatmap brightness = strength relative to the feature's mean activation on training images "
+    "where it is active."
+)
+
+
+@dataclass(frozen=True)
+class _Certainty:
+    """Certainty-carrying heatmaps: maps in head-input units, drawn relative to ``strength``."""
+
+    mean: np.ndarray  # (K,) the head's normalisation mean
+    std: np.ndarray  # (K,) the std the head divides by
+    strength: np.ndarray  # (K,) each feature's mean activation where active (training images)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """The hierarchy figure of one class page."""
+
+    file: str  # under img/
+    index: int  # the test image it explains
+    calibrated: list[int] | None  # the calibrated set, when the caller gave a set function
 
 
 @dataclass
@@ -81,6 +110,8 @@ class _Context:
     bias: np.ndarray  # (n_c,) the head's bias (zeros for a QPM)
     weighted: bool  # signed, unequal weights (a sparse head): pages show each weight
     model_label: str  # what the model is called on the pages ("QPM", "SLDD-Model", ...)
+    certainty: _Certainty | None = None  # None: each feature's 99th percentile peak is white
+    trees: dict[int, _Tree] = field(default_factory=dict)  # class -> its hierarchy figure
     _display: dict[int, np.ndarray] = field(default_factory=dict)
 
     def display(self, index: int) -> np.ndarray:
@@ -101,6 +132,47 @@ class _Context:
         return (
             f'<a class="chip" href="{root}features/{_feature_file(feature)}">'
             f'<span class="dot" style="background:{color}"></span>{label}{small}</a>'
+        )
+
+    def brightness_note(self) -> str:
+        """The sentence saying what heatmap brightness means, with a leading space; or ""."""
+        return f" {_CERTAINTY_NOTE}" if self.certainty is not None else ""
+
+    def overlay(self, index: int, feature: int) -> np.ndarray:
+        """The heatmap tile of one feature on a scanned image."""
+        image, feature_map = self.display(index), self.maps[index][feature]
+        color = self.colors[feature]
+        if self.certainty is None:
+            return heatmap_overlay(
+                image, feature_map, color, scale_max=float(self.feature_scales[feature])
+            )
+        units = self._head_units(index, [feature])[0]
+        strength = float(self.certainty.strength[feature])
+        return heatmap_overlay(image, units, color, strength_scale=strength)
+
+    def composite(self, index: int, features: Sequence[int]) -> np.ndarray:
+        """Several features on a scanned image, each pixel in its strongest feature's colour."""
+        image, own = self.display(index), list(features)
+        if self.certainty is None:
+            return composite_overlay(
+                image,
+                self.maps[index][own],
+                self.colors[own],
+                scale_maxes=self.feature_scales[own],
+            )
+        return composite_overlay(
+            image,
+            self._head_units(index, own),
+            self.colors[own],
+            strength_scales=self.certainty.strength[own],
+        )
+
+    def _head_units(self, index: int, features: list[int]) -> np.ndarray:
+        assert self.certainty is not None
+        return to_head_units(
+            self.maps[index][features],
+            self.certainty.mean[features],
+            self.certainty.std[features],
         )
 
     def local(self, index: int, *, versus: int | None = None) -> LocalExplanation:
@@ -152,6 +224,9 @@ def write_report(
     title: str | None = None,
     model_label: str = "QPM",
     progress: ProgressCallback | None = None,
+    certainty_scale: np.ndarray | None = None,
+    hierarchy: bool = False,
+    prediction_set_fn: PredictionSetFn | None = None,
 ) -> Path:
     """Write the static HTML report of a QPM model over a test set.
 
@@ -166,6 +241,11 @@ def write_report(
             ``load_image``, ``transform``; ``class_attributes`` and ``attribute_names`` are
             used when present).
         metrics: the QPM's :func:`openqpm.metrics.evaluate_model` result, shown on the index.
+            Two optional keys add to it: ``"one_feature_apart_pairs"`` (class pairs sharing all
+            but one feature, a row of the metrics table) and ``"conformal"``, the calibrated
+            prediction sets (``{"n_calibration": int, "alphas": [...], "results": [{"score",
+            "alpha", "coverage", "mean_set_size", "set_coherence", ...}, ...]}``, coverage and
+            set coherence as fractions), a table of its own.
         dense_metrics: the dense model's result, shown beside it.
         device: where the forward passes run.
         max_classes: write pages for the first ``max_classes`` classes only (all by default).
@@ -175,13 +255,27 @@ def write_report(
         title: the report's heading; default from the data set and backbone names.
         model_label: what the model is called on the pages (``QPM``, ``SLDD-Model``, ...).
         progress: called as ``progress(stage, done, total)``; stages ``scan``, ``maps``,
-            ``images``, ``pairs``, ``pages``.
+            ``images``, ``trees`` (with ``hierarchy``), ``pairs``, ``pages``.
+        certainty_scale: (K,) certainty-carrying heatmaps (CHiQPM): each feature's mean
+            head-input activation over the *training* images where it is active
+            (:func:`openqpm.explain.heatmaps.active_means`). Every heatmap tile then shows the
+            map in head-input units (:func:`~openqpm.explain.heatmaps.to_head_units`) divided
+            by this scale, and the pages say so. Default: each feature's 99th percentile peak
+            over the test set is full brightness. The pair figures keep their own scale.
+        hierarchy: each class page also shows the hierarchical explanation (a tree, see
+            :func:`openqpm.explain.hierarchy.hierarchy_figure`) of its example image (or, for a
+            class without one, of its mistake). Needs a QPM (binary weights).
+        prediction_set_fn: with ``hierarchy``, ``fn(logits (n_c,), activations (K,))`` giving
+            the class indices of the calibrated prediction set at alpha = 0.1 of an image;
+            they are boxed in the tree and listed under it.
 
     Returns:
         The path of ``index.html``.
 
     Raises:
-        ValueError: for a dense model, an empty data set or class names that disagree.
+        ValueError: for a dense model, an empty data set, class names that disagree, a
+            ``certainty_scale`` of the wrong shape or not > 0, ``hierarchy`` with a sparse
+            model, or ``prediction_set_fn`` without ``hierarchy``.
     """
     qpm: Any = model
     is_sparse = bool(getattr(qpm, "is_sparse", False))
@@ -194,6 +288,11 @@ def write_report(
         raise ValueError("the data set's class_names differ from the model's class_names")
     if len(dataset) == 0:
         raise ValueError("the data set is empty")
+    if hierarchy and is_sparse:
+        raise ValueError("hierarchy needs a QPM (binary class-feature weights), not a sparse model")
+    if prediction_set_fn is not None and not hierarchy:
+        raise ValueError("prediction_set_fn is shown in the hierarchy figures: pass hierarchy=True")
+    certainty = None if certainty_scale is None else _certainty_of(qpm, certainty_scale)
     final = Path(out_dir)
     # Built in a fresh folder beside out_dir and swapped in when complete: no page of an earlier
     # report survives (a larger n_features left stale feature pages), and a killed run leaves the
@@ -213,6 +312,9 @@ def write_report(
             title=title,
             model_label=model_label,
             progress=progress,
+            certainty=certainty,
+            hierarchy=hierarchy,
+            prediction_set_fn=prediction_set_fn,
         )
     index_path = final / "index.html"
     _logger.info("wrote the report to %s", index_path)
@@ -234,6 +336,9 @@ def _write_pages(
     title: str | None,
     model_label: str,
     progress: ProgressCallback | None,
+    certainty: _Certainty | None = None,
+    hierarchy: bool = False,
+    prediction_set_fn: PredictionSetFn | None = None,
 ) -> None:
     """Write every file of the report into the empty folder ``out``."""
     qpm: Any = model
@@ -290,8 +395,11 @@ def _write_pages(
         bias=bias,
         weighted=is_sparse,
         model_label=model_label,
+        certainty=certainty,
     )
     _write_images(context, progress=progress)
+    if hierarchy:
+        _write_tree_figures(context, prediction_set_fn, progress=progress)
     pairs = [
         pair
         for pair in explanation.contrastive_pairs
@@ -330,6 +438,23 @@ def _write_pages(
     if progress is not None:
         progress("pages", n_pages, n_pages)
     _logger.info("wrote %d class pages and %d feature pages", len(class_pages), n_features)
+
+
+def _certainty_of(model: Any, certainty_scale: np.ndarray) -> _Certainty:
+    """The head's normalisation and the checked per-feature strengths."""
+    head = model.head
+    mean = head.mean.detach().double().cpu().numpy()
+    # the std the head divides by (a sparse head's may be trained, hence abs)
+    std = head.std.detach().double().abs().clamp(min=_MIN_STD).cpu().numpy()
+    strength = np.asarray(certainty_scale, dtype=np.float64)
+    if strength.shape != mean.shape:
+        raise ValueError(
+            f"certainty_scale must have shape {mean.shape} (one value per head feature), "
+            f"got {strength.shape}"
+        )
+    if not (np.isfinite(strength).all() and (strength > 0).all()):
+        raise ValueError("certainty_scale must be finite and > 0 (see heatmaps.active_means)")
+    return _Certainty(mean=mean, std=std, strength=strength)
 
 
 def _class_means(scan: DatasetScan, n_classes: int) -> np.ndarray:
@@ -400,23 +525,17 @@ def _write_images(context: _Context, *, progress: ProgressCallback | None) -> No
         jobs.extend((int(index), [d], None, False) for index in indices)
     written: set[str] = set()
     for done, (index, features, composite_class, plain) in enumerate(jobs, start=1):
-        image = context.display(index)
-        maps = context.maps[index]
         if plain and _claim(img / _tile_name("i", index), written):
-            save_png(image, img / _tile_name("i", index))
+            save_png(context.display(index), img / _tile_name("i", index))
         for d in features:
             path = img / _tile_name("i", index, d)
             if _claim(path, written):
-                scale = float(context.feature_scales[d])
-                save_png(heatmap_overlay(image, maps[d], context.colors[d], scale_max=scale), path)
+                save_png(context.overlay(index, d), path)
         if composite_class is not None:
             path = img / f"i{index:06d}_c{composite_class:04d}.png"
             if _claim(path, written):
                 own = context.explanation.class_features[composite_class]
-                composite = composite_overlay(
-                    image, maps[own], context.colors[own], scale_maxes=context.feature_scales[own]
-                )
-                save_png(composite, path)
+                save_png(context.composite(index, own), path)
         if progress is not None:
             progress("images", done, len(jobs))
 
@@ -458,6 +577,56 @@ def _write_pair_figures(
             progress("pairs", done, len(pairs))
 
 
+def _write_tree_figures(
+    context: _Context,
+    prediction_set_fn: PredictionSetFn | None,
+    *,
+    progress: ProgressCallback | None,
+) -> None:
+    """The hierarchy figure of each class page: of its example, else of its mistake.
+
+    Uses the head-input activations the scan kept (no further pass over the data).
+    """
+    names_ = context.explanation.class_names
+    jobs: list[tuple[int, int]] = []  # (class, test image)
+    for c in sorted(context.class_pages):
+        index = context.examples[c] if context.examples[c] is not None else context.mistakes[c]
+        if index is not None:
+            jobs.append((c, index))
+    for done, (c, index) in enumerate(jobs, start=1):
+        activations = context.scan.features[index].astype(np.float64)  # (K,)
+        explanation = hierarchical_explanation(
+            activations, context.weights, prediction=int(context.scan.predictions[index])
+        )
+        calibrated = None
+        if prediction_set_fn is not None:
+            logits = context.weights @ activations + context.bias  # (n_c,)
+            calibrated = _class_set(prediction_set_fn(logits, activations), len(names_))
+        figure = hierarchy_figure(
+            explanation,
+            class_names=names_,
+            feature_colors=context.colors,
+            calibrated_set=calibrated,
+            feature_labels=context.feature_labels,
+        )
+        name = f"tree_c{c:04d}.png"
+        _save_figure(figure, context.out_dir / "img" / name)
+        context.trees[c] = _Tree(file=name, index=index, calibrated=calibrated)
+        if progress is not None:
+            progress("trees", done, len(jobs))
+
+
+def _class_set(classes: Any, n_classes: int) -> list[int]:
+    """A prediction set function's answer as sorted distinct class indices, checked."""
+    values = np.asarray(classes).reshape(-1)
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"prediction_set_fn must return class indices, got {values.dtype}")
+    chosen = sorted({int(c) for c in values})
+    if chosen and not (0 <= chosen[0] and chosen[-1] < n_classes):
+        raise ValueError(f"prediction_set_fn returned classes outside [0, {n_classes}): {chosen}")
+    return chosen
+
+
 def _save_figure(figure: Figure, path: Path) -> None:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=_PAIR_DPI, facecolor="white")
@@ -489,12 +658,99 @@ def _metrics_section(
         + f'<td class="what">{escape(describe(name).description)}</td></tr>'
         for name in shown
     )
+    # counts that are not registered metrics (a registered one of the same name is shown above)
+    for name, (label, description) in _EXTRA_COUNTS.items():
+        if name in names() or all(row.get(name) is None for _, row in models):
+            continue
+        cells = "".join(
+            f'<td class="{model.lower()}">{"n/a" if row.get(name) is None else int(row[name])}</td>'
+            for model, row in models
+        )
+        body += (
+            f'<tr id="metric-{name}"><td>{escape(label)}</td>{cells}'
+            f'<td class="what">{escape(description)}</td></tr>'
+        )
     return f"""<section class="card" id="metrics">
 <h2>Metrics</h2>
 <p class="lead">On the test set, in percent where a fraction (↑ higher is better, ↓ lower is
 better; n/a: not available for this model or data set).</p>
 <div class="table-scroll"><table class="metrics"><thead><tr><th>Metric</th>{header}
 <th class="what">What it measures</th></tr></thead><tbody>{body}</tbody></table></div>
+</section>
+"""
+
+
+# metrics-dict entries shown as integer rows of the metrics table: name -> (label, description)
+_EXTRA_COUNTS = {
+    "one_feature_apart_pairs": (
+        "1-apart pairs",
+        "Class pairs that share all but one feature (told apart by a single feature).",
+    ),
+}
+# scores of the calibrated prediction sets, in table order, with their column titles
+_CONFORMAL_SCORES = {"hierarchical": "Hierarchical (CHiQPM)", "aps": "APS", "thr": "THR"}
+
+
+def _conformal_section(metrics: Mapping[str, Any] | None) -> str:
+    """The table of calibrated prediction sets in ``metrics["conformal"]``; "" without one.
+
+    One row per alpha; per score its coverage (a fraction, shown in percent), mean set size and
+    set coherence (a fraction, in percent; "–" when None).
+    """
+    conformal = (metrics or {}).get("conformal")
+    if not conformal:
+        return ""
+    results = list(conformal.get("results") or [])
+    alphas = [float(a) for a in conformal.get("alphas") or []]
+    alphas += sorted({float(r["alpha"]) for r in results} - set(alphas))
+    present = {str(r["score"]) for r in results}
+    scores = [s for s in _CONFORMAL_SCORES if s in present] + sorted(
+        present - set(_CONFORMAL_SCORES)
+    )
+    cell = {(str(r["score"]), float(r["alpha"])): r for r in results}
+
+    def number(value: Any, percent: bool) -> str:
+        if value is None or not np.isfinite(float(value)):
+            return "–"
+        return f"{100.0 * float(value):.1f}%" if percent else f"{float(value):.2f}"
+
+    header_scores = "".join(
+        f'<th colspan="3" class="score">{escape(_CONFORMAL_SCORES.get(s, s))}</th>' for s in scores
+    )
+    header_columns = "<th>coverage</th><th>mean size</th><th>coherence</th>" * len(scores)
+    rows = []
+    for alpha in alphas:
+        cells = []
+        for score in scores:
+            result = cell.get((score, alpha))
+            if result is None:
+                cells.append("<td>–</td>" * 3)
+                continue
+            cells.append(
+                f"<td>{number(result.get('coverage'), True)}</td>"
+                f"<td>{number(result.get('mean_set_size'), False)}</td>"
+                f"<td>{number(result.get('set_coherence'), True)}</td>"
+            )
+        rows.append(
+            f'<tr data-alpha="{alpha:g}"><td>{alpha:g}</td><td>{100.0 * (1.0 - alpha):.1f}%</td>'
+            f"{''.join(cells)}</tr>"
+        )
+    n_calibration = conformal.get("n_calibration")
+    calibrated_on = (
+        f"{_count(int(n_calibration), 'held-out training image')}"
+        if n_calibration is not None
+        else "held-out training images"
+    )
+    return f"""<section class="card" id="conformal">
+<h2>Calibrated prediction sets</h2>
+<p class="lead">Instead of one class, a set of classes that holds the true class with
+probability at least 1 − alpha (the target). Calibration used {calibrated_on}; coverage
+(how often the set holds the true class), mean set size and set coherence are measured on the
+test split. Hierarchical: the CHiQPM sets, a level of the hierarchy of the predicted class's
+features; APS and THR: the usual conformal scores on the softmax.</p>
+<div class="table-scroll"><table class="metrics conformal"><thead>
+<tr><th rowspan="2">alpha</th><th rowspan="2">target</th>{header_scores}</tr>
+<tr>{header_columns}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>
 </section>
 """
 
@@ -625,11 +881,13 @@ figures →</a></p>
     has_metrics = metrics is not None or dense_metrics is not None
     metrics_link = ', the metrics: <a href="metrics.json">metrics.json</a>' if has_metrics else ""
     body = f"""{_metrics_section(metrics, dense_metrics, context.model_label)}
+{_conformal_section(metrics)}
 {pairs_section}
 <section class="card" id="classes">
 <h2>Classes</h2>
 <p class="lead">{classes_lead} The picture shows a correctly
-classified test image with every pixel coloured by the class's strongest feature there.</p>
+classified test image with every pixel coloured by the class's strongest feature there.
+{context.brightness_note()}</p>
 <div class="search"><input id="class-search" type="search"
 placeholder="Filter classes by name (press /)" aria-label="Filter classes by name"
 autocomplete="off"><span class="count" id="class-count"></span></div>
@@ -748,7 +1006,7 @@ def _class_page(context: _Context, class_index: int) -> str:
             f"""<section class="card"><h2>How the model sees a {escape(name)}</h2>
 <p class="lead">A correctly classified test image, chosen so that all {len(features)} features
 are active and look at different places. Each heatmap shows where one feature fires (values:
-normalised feature activation).</p>
+normalised feature activation).{context.brightness_note()}</p>
 <div class="split"><div class="side"><img class="big-img" src="{root}img/{_tile_name("i", example)}"
 alt="{escape(name)} example"><div class="caption">test image #{example}</div>
 <img class="big-img" style="margin-top:10px" src="{root}img/i{example:06d}_c{class_index:04d}.png"
@@ -760,6 +1018,8 @@ one</div></div>
 {_contribution_bars(context, local, root)}
 </div></div></section>"""
         )
+    if class_index in context.trees:
+        sections.append(_tree_section(context, class_index, root))
     pairs = [pair for pair in explanation.pairs_of(class_index)]
     if pairs:
         cards = "".join(_pair_card(context, pair, root) for pair in pairs[:12])
@@ -815,6 +1075,36 @@ alt="misclassified image"><div class="caption">test image #{mistake}</div></div>
         crumbs=f'<a href="{root}index.html#classes">← all classes</a>',
         stats=stats,
     )
+
+
+def _tree_section(context: _Context, class_index: int, root: str, n_listed: int = 40) -> str:
+    """The hierarchy figure of a class page, with the calibrated set listed under it."""
+    tree = context.trees[class_index]
+    predicted = int(context.scan.predictions[tree.index])
+    if predicted == class_index:
+        which = f"the example test image #{tree.index}"
+    else:
+        which = (
+            f"test image #{tree.index}, which the model gets wrong: it predicts "
+            f"{context.class_link(predicted, root)}"
+        )
+    boxed = "; boxed: the calibrated prediction set" if tree.calibrated is not None else ""
+    listed = ""
+    if tree.calibrated is not None:
+        shown = ", ".join(context.class_link(c, root) for c in tree.calibrated[:n_listed])
+        more = len(tree.calibrated) - n_listed
+        shown += f" and {more} more" if more > 0 else ""
+        listed = (
+            f'<p class="calibrated">calibrated set at alpha = {_TREE_ALPHA:g}: '
+            f"{shown or 'empty'}</p>"
+        )
+    return f"""<section class="card" id="hierarchy"><h2>Hierarchical explanation</h2>
+<p class="lead">How the model narrows the classes down on {which}. Its predicted class's
+features run left to right, strongest first; every class leaves the path at the first of them it
+does not share (in this order). The predicted class is bold{boxed}.</p>
+<img class="tree-img" src="{root}img/{tree.file}" alt="hierarchy of test image #{tree.index}"
+loading="lazy">
+{listed}</section>"""
 
 
 def _closest_classes(context: _Context, class_index: int, n_shown: int = 6) -> str:
@@ -878,7 +1168,8 @@ def _feature_page(context: _Context, feature: int) -> str:
 <div>{chips}</div></section>
 <section class="card"><h2>Where it is strongest</h2>
 <p class="lead">The {len(tiles)} test images with the highest value of this feature (✓ correctly
-classified). All heatmaps of this feature use one brightness scale.</p>
+classified). All heatmaps of this feature use one brightness scale.
+{context.brightness_note()}</p>
 <div class="tiles">{"".join(tiles)}</div></section>
 <section class="card"><h2>Mean value per class</h2>
 <p class="lead">The 10 classes on whose test images this feature is highest on average.</p>

@@ -6,7 +6,7 @@ All take the backbone's feature maps (B, n_f, h, w) and expose the same small in
 * ``select_maps(feature_maps)`` -> (B, K, h, w): the channels the head reads, in head order;
 * ``pre_logits(feature_maps)`` -> (B, K): what the final linear map multiplies (dense: pooled
   features after dropout; QPM and sparse: normalised features, dropout applied before
-  normalisation);
+  normalisation, and for a QPM head built with ``relu=True`` (CHiQPM) rectified);
 * ``forward(feature_maps)`` -> (B, n_c) logits;
 * ``weight``: the live (n_c, K) class-feature weight (a trainable parameter for the dense
   head, a frozen buffer for the QPM head, the masked weight for the sparse head), which the
@@ -88,6 +88,11 @@ class QPMHead(nn.Module):
     the reference code, dropout acts on the raw pooled features before normalisation, so a
     dropped feature becomes -mean/std rather than 0.
 
+    With ``relu=True`` (the CHiQPM head) the normalised features pass through a ReLU before W:
+    ``logits = W @ relu(normalised)``. Every feature then contributes >= 0 to its classes'
+    logits, which is what makes "a class's strongest features" and the hierarchy of classes
+    that share features meaningful. The ReLU adds no parameter; the normalisation stays frozen.
+
     Args:
         selected_features: (K,) distinct backbone channel indices, in head order.
         mean: (K,) training-set mean of the pooled selected features.
@@ -95,10 +100,12 @@ class QPMHead(nn.Module):
         class_feature_matrix: (n_c, K) in {0, 1}, the same number of ones in every row, rows
             distinct; column k belongs to ``selected_features[k]``.
         dropout: dropout probability on the raw pooled features (0.1 in the paper).
+        relu: apply a ReLU to the normalised features (CHiQPM); False is the QPM head.
 
     Raises:
         ValueError: shapes that disagree, a non-binary matrix, unequal row sums, duplicated
             rows or selected features, negative or non-finite values.
+        TypeError: ``relu`` is not a bool.
 
     Example:
         >>> head = QPMHead([3, 7], [0.5, 1.0], [0.1, 0.2], [[1, 0], [0, 1]])
@@ -119,8 +126,11 @@ class QPMHead(nn.Module):
         class_feature_matrix: ArrayLike,
         *,
         dropout: float = 0.1,
+        relu: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(relu, bool):
+            raise TypeError(f"QPMHead relu must be a bool, got {relu!r}")
         selected = _check_selected(selected_features, "QPMHead")
         n_selected = selected.numel()
         mean_tensor, std_tensor = _check_statistics(mean, std, n_selected, "QPMHead")
@@ -150,6 +160,7 @@ class QPMHead(nn.Module):
         self.register_buffer("std", std_tensor)
         self.register_buffer("class_feature_matrix", matrix)
         self.dropout = nn.Dropout(_check_dropout(dropout))
+        self.relu = relu
 
     @property
     def n_classes(self) -> int:
@@ -187,14 +198,29 @@ class QPMHead(nn.Module):
         return feature_maps.index_select(1, self.selected_features)  # (B, K, h, w)
 
     def pre_logits(self, feature_maps: torch.Tensor) -> torch.Tensor:
-        """Normalised selected features (B, K); dropout acts before the normalisation."""
+        """Normalised selected features (B, K); dropout acts before the normalisation.
+
+        With ``relu`` the normalised features are passed through a ReLU (all >= 0).
+        """
         pooled = self.dropout(self.select_maps(feature_maps).mean(dim=(2, 3)))  # (B, K)
-        return (pooled - self.mean) / self.std.clamp(min=_MIN_STD)
+        normalised = (pooled - self.mean) / self.std.clamp(min=_MIN_STD)
+        return functional.relu(normalised) if self.relu else normalised
+
+    def logits_from_pre_logits(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_c) from :meth:`pre_logits`'s output (B, K): each class's sum of its
+        features. ``forward(maps)`` is ``logits_from_pre_logits(pre_logits(maps))``, so a caller
+        that needs both draws dropout once."""
+        return pre_logits @ self.class_feature_matrix.to(pre_logits.dtype).T  # (B, n_c)
 
     def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
-        """Logits (B, n_c): each class's sum of its normalised features."""
-        normalised = self.pre_logits(feature_maps)
-        return normalised @ self.class_feature_matrix.to(normalised.dtype).T  # (B, n_c)
+        """Logits (B, n_c): each class's sum of its (rectified, with ``relu``) features."""
+        return self.logits_from_pre_logits(self.pre_logits(feature_maps))
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_features={self.n_features}, n_classes={self.n_classes}, "
+            f"n_per_class={self.n_per_class}, relu={self.relu}"
+        )
 
 
 class SparseHead(nn.Module):

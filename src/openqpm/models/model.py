@@ -2,9 +2,9 @@
 
 The saved file holds every tensor of the model and, in the safetensors header, a JSON document
 under the key ``"openqpm"`` that describes the architecture, the classes and (for a QPM or a
-sparse head) the selection and the per-class features (for a sparse head also its trainability
-flags), so :func:`load` rebuilds the model with no code or weights file of the run. No pickle
-is involved anywhere.
+sparse head) the selection and the per-class features (for a QPM head also whether it applies
+the CHiQPM ReLU, for a sparse head its trainability flags), so :func:`load` rebuilds the model
+with no code or weights file of the run. No pickle is involved anywhere.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ __all__ = [
 FORMAT_NAME = "openqpm-model"
 # Bump when the metadata layout changes in a way older readers cannot follow. (The "sparse"
 # head type did not need a bump: older readers refuse it by its unknown head type.)
-FORMAT_VERSION = 1
+# Version 2 added the QPM head's "relu" key. A reader of version 1 would ignore it and compute
+# other logits, so a file is written with the lowest version that describes it: 2 only for a
+# QPM head with relu=True, 1 otherwise (such files stay readable by older openqpm versions).
+FORMAT_VERSION = 2
+_FORMAT_VERSION_WITHOUT_RELU = 1
 _METADATA_KEY = "openqpm"
 
 Head = DenseHead | QPMHead | SparseHead
@@ -160,6 +164,7 @@ class QPMModel(nn.Module):
         class_feature_matrix: ArrayLike,
         *,
         dropout: float = 0.1,
+        relu: bool = False,
     ) -> QPMModel:
         """A QPM built on this model's backbone (the same object, not a copy).
 
@@ -169,6 +174,7 @@ class QPMModel(nn.Module):
             std: (K,) training population std of the selected pooled features.
             class_feature_matrix: (n_c, K) binary, e.g. ``Assignment.class_feature_matrix()``.
             dropout: dropout on the raw pooled features during fine-tuning.
+            relu: rectify the normalised features (the CHiQPM head, see :class:`QPMHead`).
 
         Returns:
             A new :class:`QPMModel` with the same class names and a copy of the metadata; its
@@ -176,8 +182,11 @@ class QPMModel(nn.Module):
 
         Raises:
             ValueError: as :class:`QPMHead`, or a class count that differs from this model's.
+            TypeError: ``relu`` is not a bool.
         """
-        head = QPMHead(selected_features, mean, std, class_feature_matrix, dropout=dropout)
+        head = QPMHead(
+            selected_features, mean, std, class_feature_matrix, dropout=dropout, relu=relu
+        )
         if head.n_classes != self.n_classes:
             raise ValueError(
                 f"class_feature_matrix has {head.n_classes} rows but the model has "
@@ -197,6 +206,7 @@ class QPMModel(nn.Module):
                 "n_features": self.head.n_features,
                 "n_per_class": self.head.n_per_class,
                 "dropout": self.head.dropout.p,
+                "relu": self.head.relu,
                 "selected_features": self.head.selected_features.tolist(),
                 "class_features": self.head.class_features,
             }
@@ -220,9 +230,10 @@ class QPMModel(nn.Module):
                 "n_features_in": self.head.n_features_in,
                 "dropout": self.head.dropout.p,
             }
+        needs_relu = isinstance(self.head, QPMHead) and self.head.relu
         description: dict[str, Any] = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if needs_relu else _FORMAT_VERSION_WITHOUT_RELU,
             "openqpm_version": _openqpm_version(),
             "architecture": {
                 "name": self.backbone.name,
@@ -292,6 +303,7 @@ def qpm_from_dense(
     feature_std: ArrayLike,
     *,
     dropout: float,
+    relu: bool = False,
 ) -> QPMModel:
     """The QPM of a solved assignment, on the dense model's backbone, ready for fine-tuning.
 
@@ -305,6 +317,7 @@ def qpm_from_dense(
         feature_mean: (n_f,) training-set mean of every pooled backbone feature.
         feature_std: (n_f,) training-set population std of every pooled backbone feature.
         dropout: dropout on the raw pooled features during fine-tuning.
+        relu: rectify the normalised features (the CHiQPM head, see :class:`QPMHead`).
 
     Returns:
         A new :class:`QPMModel` (see :meth:`QPMModel.to_qpm`).
@@ -336,6 +349,7 @@ def qpm_from_dense(
         statistics["feature_std"][selected],
         assignment.class_feature_matrix(),
         dropout=dropout,
+        relu=relu,
     )
 
 
@@ -470,6 +484,8 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> QPMMo
                 tensors["head.std"],
                 tensors["head.class_feature_matrix"],
                 dropout=float(head_description["dropout"]),
+                # files written before the key existed hold plain QPM heads
+                relu=bool(head_description.get("relu", False)),
             )
         elif head_description["type"] == "sparse":
             head = _sparse_head_from(tensors, head_description)
