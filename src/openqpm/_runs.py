@@ -27,7 +27,6 @@ from openqpm.config import (
 if TYPE_CHECKING:  # pragma: no cover - annotations only (these import torch)
     import torch
 
-    from openqpm.data._base import ImageDataset
     from openqpm.features import FeaturePassProgress
     from openqpm.models.model import QPMModel
     from openqpm.solver.problem import SolverProgress
@@ -99,8 +98,15 @@ class StageContext:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _datasets(ctx: StageContext) -> dict[str, ImageDataset]:
-    """The train split with train and test transforms, and the test split with test transforms."""
+def _datasets(ctx: StageContext) -> dict[str, Any]:
+    """The data sets the stages read, built once.
+
+    ``train`` (train transforms) and ``train_fit`` (test transforms) are the training images
+    that train and fit models; ``calibration`` (test transforms, None when
+    ``data.calibration_fraction`` is 0) the held-out rest of the training split, which trains
+    nothing; ``train_eval`` the whole training split (test transforms, for metrics); ``test``
+    the test split.
+    """
     if "datasets" in ctx.cache:
         return dict(ctx.cache["datasets"])
     from openqpm.data import build_transforms, create_dataset, resize_squashes
@@ -131,8 +137,39 @@ def _datasets(ctx: StageContext) -> dict[str, ImageDataset]:
     test_transform = build_transforms(train=False, **options)
     train_eval.transform = test_transform
     test.transform = test_transform
-    ctx.cache["datasets"] = {"train": train, "train_eval": train_eval, "test": test}
+    ctx.cache["datasets"] = {
+        "train_eval": train_eval,
+        "test": test,
+        **_held_out(train, train_eval, data.calibration_fraction, data.calibration_seed),
+    }
     return dict(ctx.cache["datasets"])
+
+
+def _held_out(train: Any, train_eval: Any, fraction: float, seed: int) -> dict[str, Any]:
+    """``train``, ``train_fit`` and ``calibration``: the training split less a seeded held-out
+    share (per class, so every class keeps training images), and that share."""
+    if fraction <= 0:
+        return {"train": train, "train_fit": train_eval, "calibration": None}
+    from torch.utils.data import Subset
+
+    labels = np.asarray(train_eval.labels)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for class_index in np.unique(labels):
+        members = np.flatnonzero(labels == class_index)
+        count = min(round(fraction * len(members)), len(members) - 1)  # one image always trains
+        held.extend(rng.permutation(members)[:count].tolist())
+    if not held:
+        raise PipelineError(
+            f"data.calibration_fraction={fraction} holds out no training image: raise it"
+        )
+    held_set = set(held)
+    kept = [i for i in range(len(labels)) if i not in held_set]
+    return {
+        "train": Subset(train, kept),
+        "train_fit": Subset(train_eval, kept),
+        "calibration": Subset(train_eval, sorted(held)),
+    }
 
 
 def _loader(ctx: StageContext, split: str, *, train: bool, distributed: bool | None = None) -> Any:
@@ -239,7 +276,7 @@ def stage_dense(ctx: StageContext) -> dict[str, Any]:
     from openqpm.models.build import PretrainedHeadError, dense_model_for
 
     config = ctx.config
-    train_set = _datasets(ctx)["train"]
+    train_set = _datasets(ctx)["train_eval"]  # the whole split: classes, names, statistics
     # the initial weights are a function of the seed (the caller's random state is left as it was)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -291,7 +328,7 @@ def stage_features(ctx: StageContext) -> dict[str, Any]:
 
     result = extract_features(
         _load_model(ctx, "dense.safetensors"),
-        _loader(ctx, "train_eval", train=False),
+        _loader(ctx, "train_fit", train=False),
         device=ctx.device,
         keep_pooled=False,
         progress=progress,
@@ -335,14 +372,21 @@ def stage_problem(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_assignment(ctx: StageContext) -> dict[str, Any]:
-    from openqpm.solver import AssignmentProblem, SolveInterrupted, solve
+    from openqpm.solver import AssignmentProblem
+
+    return _solve_to(ctx, AssignmentProblem.load(ctx.path("problem.npz")), ctx.path(ctx.outputs[0]))
+
+
+def _solve_to(ctx: StageContext, problem: Any, path: Path) -> dict[str, Any]:
+    """Solve ``problem`` with the run's solver settings and save the assignment at ``path``."""
+    from openqpm.solver import SolveInterrupted, solve
     from openqpm.solver.problem import Assignment
 
     config = ctx.config
     if is_main_process():
         try:
             assignment = solve(
-                AssignmentProblem.load(ctx.path("problem.npz")),
+                problem,
                 method=config.solver.method,
                 time_limit_s=config.solver.time_limit_s,
                 seed=config.seed,
@@ -350,12 +394,12 @@ def stage_assignment(ctx: StageContext) -> dict[str, Any]:
             )
         except SolveInterrupted as interrupted:
             # keep the best solution found (the stage is not recorded: a rerun solves anew)
-            interrupted.assignment.save(ctx.path("assignment.json"))
-            interrupted.path = ctx.path("assignment.json")
+            interrupted.assignment.save(path)
+            interrupted.path = path
             raise
-        assignment.save(ctx.path("assignment.json"))
+        assignment.save(path)
     _barrier()
-    assignment = Assignment.load(ctx.path("assignment.json"))
+    assignment = Assignment.load(path)
     return {
         "objective": assignment.objective,
         "bound": assignment.bound,
@@ -363,6 +407,62 @@ def stage_assignment(ctx: StageContext) -> dict[str, Any]:
         "method": assignment.method,
         "time_s": round(float(assignment.time_s), 2),
     }
+
+
+def stage_chiqpm_assignment(ctx: StageContext) -> dict[str, Any]:
+    """The assignment with CHiQPM's forced near-equal pairs (closest dense weight rows)."""
+    from openqpm.constants import closest_class_pairs
+    from openqpm.solver import AssignmentProblem
+
+    problem = AssignmentProblem.load(ctx.path("problem.npz"))
+    dense = _load_model(ctx, "dense.safetensors")
+    weights = dense.class_weights().cpu().double().numpy()
+    try:
+        pairs = closest_class_pairs(weights, ctx.config.sparsify.chiqpm_rho)
+    except ValueError as error:
+        raise PipelineError(f"sparsify.chiqpm_rho: {error}") from None
+    paired = AssignmentProblem(
+        problem.A,
+        problem.R,
+        problem.b,
+        problem.n_features,
+        problem.n_per_class,
+        eps=problem.eps,
+        metadata=problem.metadata,
+        forced_pairs=pairs,
+    )
+    summary = _solve_to(ctx, paired, ctx.path(ctx.outputs[0]))
+    return {**summary, "n_forced_pairs": len(pairs)}
+
+
+def stage_chiqpm(ctx: StageContext) -> dict[str, Any]:
+    """CHiQPM fine-tuning: ReLU on the selected normalised features, feature grounding loss."""
+    from openqpm.features import load_feature_pass
+    from openqpm.models import qpm_from_dense
+    from openqpm.solver.problem import Assignment
+
+    sparsify, finetune = ctx.config.sparsify, ctx.config.finetune
+    stats = load_feature_pass(ctx.path("features")).feature_stats
+    model = qpm_from_dense(
+        _load_model(ctx, "dense.safetensors"),
+        Assignment.load(ctx.path(ctx.inputs["chiqpm-assignment"][0])),
+        np.asarray(stats.mean, dtype=np.float64),
+        np.asarray(stats.std, dtype=np.float64),
+        dropout=ctx.config.model.qpm_dropout,
+        relu=True,
+    ).to(ctx.device)
+    grounding_epochs = sparsify.chiqpm_grounding_epochs
+    if grounding_epochs is None:
+        grounding_epochs = round(0.75 * finetune.epochs)
+    schedule = _schedule(
+        ctx,
+        finetune,
+        grounding_weight=sparsify.chiqpm_grounding_weight,
+        grounding_epochs=grounding_epochs,
+        grounding_remaining_factor=sparsify.chiqpm_remaining_factor,
+    )
+    _train(ctx, model, schedule)
+    return {**_save_model(ctx, model), "grounding_epochs": grounding_epochs}
 
 
 # ----------------------------------------------------------------------------- evaluation, report
@@ -408,7 +508,8 @@ def _top_weights_baseline(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
-    """Every metric of the dense model and of this run's method's model, on the test split."""
+    """Every metric of the dense model and of this run's method's model, on the test split;
+    with held-out calibration images, the calibrated prediction sets of a QPM-type model."""
     if is_main_process():
         # Metrics need every image in order: rank 0 evaluates alone, the others wait.
         results = {
@@ -416,41 +517,140 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
             ctx.method: _evaluate(ctx, ctx.inputs["model"][0]),
             "baseline_top_weights": _top_weights_baseline(ctx),
         }
+        calibration = _calibrate(ctx, _load_model(ctx, ctx.inputs["model"][0]), results[ctx.method])
         text = json.dumps(to_jsonable(results), indent=2, sort_keys=True)
+        atomic_write_text(ctx.path(ctx.outputs[1]), json.dumps(to_jsonable(calibration)))
         atomic_write_text(ctx.path(ctx.outputs[0]), text)
     _barrier()
     results = json.loads(ctx.path(ctx.outputs[0]).read_text(encoding="utf-8"))
-    return {
+    summary = {
         "dense_accuracy": results["dense"].get("accuracy"),
         f"{ctx.method}_accuracy": results[ctx.method].get("accuracy"),
         "baseline_accuracy": results["baseline_top_weights"]["accuracy"],
     }
+    conformal = results[ctx.method].get("conformal")
+    if conformal:
+        summary["coverage_at_0.1"] = {
+            row["score"]: row["coverage"] for row in conformal["results"] if row["alpha"] == 0.1
+        }
+    return summary
+
+
+def _head_outputs(ctx: StageContext, model: QPMModel, split: str) -> dict[str, np.ndarray]:
+    """Logits, head inputs ("activations") and labels of a data set, in order."""
+    import torch
+
+    from openqpm._io import eval_mode, unpack_batch
+
+    logits, activations, labels = [], [], []
+    with eval_mode(model), torch.no_grad():
+        for batch in _loader(ctx, split, train=False, distributed=False):
+            images, targets = unpack_batch(batch)
+            maps = model.forward_features(images.to(ctx.device))
+            inputs = model.forward_head(maps, pre_logits=True)
+            activations.append(inputs.float().cpu().numpy())
+            logits.append(model.forward_head(maps).float().cpu().numpy())
+            labels.append(targets.cpu().numpy())
+    return {
+        "logits": np.concatenate(logits),
+        "activations": np.concatenate(activations),
+        "labels": np.concatenate(labels).astype(np.int64),
+    }
+
+
+def _calibrate(ctx: StageContext, model: QPMModel, results: dict[str, Any]) -> dict[str, Any]:
+    """Calibrate the prediction sets of a QPM-type model on the held-out training images.
+
+    Adds ``conformal`` (coverage, set size and Set Coherence on the test split at the default
+    alphas, for the hierarchical, APS and THR scores) and ``one_feature_apart_pairs`` to
+    ``results``; returns the calibration file's contents.
+    """
+    from openqpm.conformal import Calibration, conformal_metrics
+    from openqpm.explain.heatmaps import active_means
+
+    if not model.is_qpm:
+        return {"available": False, "reason": f"{ctx.method}: not a binary (QPM-type) head"}
+    weights = model.class_weights().cpu().numpy()
+    shared = weights @ weights.T
+    results["one_feature_apart_pairs"] = int(np.triu(shared == weights.sum(axis=1)[0] - 1, 1).sum())
+    datasets = _datasets(ctx)
+    if datasets["calibration"] is None:
+        reason = "data.calibration_fraction is 0: no training images were held out to calibrate on"
+        return {"available": False, "reason": reason}
+    held = _head_outputs(ctx, model, "calibration")
+    calibration = Calibration.fit(held["logits"], held["activations"], held["labels"], weights)
+    test = _head_outputs(ctx, model, "test")
+    results["conformal"] = conformal_metrics(
+        calibration,
+        test["logits"],
+        test["activations"],
+        test["labels"],
+        class_attributes=datasets["test"].class_attributes,
+    )
+    return {
+        "available": True,
+        "calibration": calibration.to_json_dict(),
+        "active_means": active_means(held["activations"]).tolist(),
+        "n_calibration": calibration.n_calibration,
+        "fraction": ctx.config.data.calibration_fraction,
+    }
 
 
 # how each method's model is called on its report's pages
-METHOD_LABELS = {"qpm": "QPM", "glm-saga5": "glm-saga5", "sldd": "SLDD-Model", "qsenn": "Q-SENN"}
+METHOD_LABELS = {
+    "qpm": "QPM",
+    "chiqpm": "CHiQPM",
+    "glm-saga5": "glm-saga5",
+    "sldd": "SLDD-Model",
+    "qsenn": "Q-SENN",
+}
 
 
 def stage_report(ctx: StageContext) -> dict[str, Any]:
     """The HTML report of this run's method's model."""
     from openqpm.explain.report import write_report
 
-    metrics = json.loads(ctx.path(ctx.inputs["evaluate"][0]).read_text(encoding="utf-8"))
+    metrics_file, calibration_file = ctx.inputs["evaluate"]
+    metrics = json.loads(ctx.path(metrics_file).read_text(encoding="utf-8"))
     index = ctx.path(ctx.outputs[0])
     if is_main_process():
+        model = _load_model(ctx, ctx.inputs["model"][0])
         write_report(
             index.parent,
-            model=_load_model(ctx, ctx.inputs["model"][0]),
+            model=model,
             dataset=_datasets(ctx)["test"],
             metrics=metrics.get(ctx.method),
             dense_metrics=metrics.get("dense"),
             device=ctx.device,
             max_classes=ctx.config.report_max_classes,
             model_label=METHOD_LABELS.get(ctx.method, ctx.method),
+            **_hierarchy_options(model, ctx.path(calibration_file)),
         )
         _logger.info("report written to %s", index)
     _barrier()
     return {"index": str(index)}
+
+
+def _hierarchy_options(model: QPMModel, calibration_file: Path) -> dict[str, Any]:
+    """The report's trees for a QPM-type model; with a calibration, its sets at alpha 0.1 and,
+    for a ReLU head (CHiQPM), heatmaps scaled by each feature's typical strength."""
+    if not model.is_qpm:
+        return {}
+    from openqpm.conformal import Calibration
+
+    stored = json.loads(calibration_file.read_text(encoding="utf-8"))
+    if not stored.get("available"):
+        return {"hierarchy": True}
+    calibration = Calibration.from_json_dict(stored["calibration"])
+
+    def prediction_set(logits: np.ndarray, activations: np.ndarray) -> np.ndarray:
+        sets = calibration.prediction_sets("hierarchical", logits[None], activations[None], 0.1)
+        return sets[0]
+
+    options: dict[str, Any] = {"hierarchy": True, "prediction_set_fn": prediction_set}
+    if getattr(model.head, "relu", False) and stored.get("active_means") is not None:
+        options["certainty_scale"] = np.asarray(stored["active_means"], dtype=np.float64)
+    return options
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -463,7 +663,7 @@ def _pooled_train_features(ctx: StageContext, model: QPMModel) -> tuple[np.ndarr
     from openqpm.features import extract_features
     from openqpm.training import make_loader
 
-    dataset: Any = _datasets(ctx)["train_eval"]
+    dataset: Any = _datasets(ctx)["train_fit"]
     limit = ctx.config.sparsify.max_images
     if len(dataset) > limit:
         rng = np.random.default_rng(ctx.config.seed)

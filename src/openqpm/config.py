@@ -71,6 +71,10 @@ class DataConfig:
     augment: str = "paper"
     batch_size: int = 16  # per process; the paper uses 16 for fine-grained sets, 64 for ImageNet
     num_workers: int = 4  # DataLoader worker processes
+    # share of the training split held out from all training, to calibrate prediction sets on
+    # (conformal prediction, the `chiqpm` method's sets); 0: none held out, no calibrated sets
+    calibration_fraction: float = 0.0
+    calibration_seed: int = 0  # which training images are held out
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class SparsifyConfig:
     The baselines' values are the authors' code's (reference spec section 9).
     """
 
-    method: str = "qpm"  # qpm | glm-saga5 | sldd | qsenn (openqpm.stages.METHODS)
+    method: str = "qpm"  # qpm | chiqpm | glm-saga5 | sldd | qsenn (openqpm.stages.METHODS)
     max_images: int = 100_000  # training images the glm fits read (a seeded sample beyond)
     selection_alpha: float = 0.8  # elastic-net mixing of the group-sparse feature selection
     fit_alpha: float = 0.99  # elastic-net mixing of the sparse layer's path
@@ -146,6 +150,13 @@ class SparsifyConfig:
     qsenn_rounds: int = 4  # Q-SENN: rounds of fit, quantise, fine-tune
     qsenn_round_epochs: int = 10  # epochs of every round but the last (that one: finetune.epochs)
     qsenn_lr_decay: float = 0.9  # round k fine-tunes at finetune.lr_backbone * decay**k
+    # CHiQPM (the authors' NeurIPS 2025 follow-up): the round(rho * n_classes) class pairs with the
+    # closest dense weight rows must share all but one feature
+    chiqpm_rho: float = 0.5
+    chiqpm_grounding_weight: float = 3.0  # weight of the feature grounding loss in fine-tuning
+    # epochs with the grounding loss; None: the first 3/4 of finetune.epochs (the authors' 30 of 40)
+    chiqpm_grounding_epochs: int | None = None
+    chiqpm_remaining_factor: float = 2.0  # the authors' factor on the unassigned features' mean
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,21 @@ def validate_config(config: RunConfig) -> None:
         (config.sparsify.qsenn_rounds >= 1, "sparsify.qsenn_rounds must be at least 1"),
         (config.sparsify.qsenn_round_epochs >= 0, "sparsify.qsenn_round_epochs must be >= 0"),
         (0 < config.sparsify.qsenn_lr_decay <= 1, "sparsify.qsenn_lr_decay must be in (0, 1]"),
+        (
+            0.0 <= config.data.calibration_fraction < 1.0,
+            "data.calibration_fraction must be in [0, 1) (e.g. 0.1)",
+        ),
+        (config.data.calibration_seed >= 0, "data.calibration_seed must be >= 0"),
+        (config.sparsify.chiqpm_rho >= 0, "sparsify.chiqpm_rho must be >= 0"),
+        (
+            config.sparsify.chiqpm_grounding_weight >= 0,
+            "sparsify.chiqpm_grounding_weight must be >= 0",
+        ),
+        (
+            config.sparsify.chiqpm_grounding_epochs is None
+            or config.sparsify.chiqpm_grounding_epochs >= 0,
+            "sparsify.chiqpm_grounding_epochs must be >= 0 (or null: 3/4 of finetune.epochs)",
+        ),
     ]
     for step_name in ("dense", "finetune"):
         step = getattr(config, step_name)

@@ -47,6 +47,7 @@ __all__ = [
     "class_feature_auroc",
     "class_feature_similarity",
     "clip_center_scale",
+    "closest_class_pairs",
     "compute_bias",
     "feature_redundancy",
     "find_compatibility_threshold",
@@ -1257,3 +1258,40 @@ def _auroc_similarity(
     dead = np.union1d(dead, constant).astype(np.int64)
     similarity[:, dead] = 0.0
     return similarity, dead
+
+
+def closest_class_pairs(class_weights: Any, rho: float) -> list[tuple[int, int]]:
+    """CHiQPM's forced pairs: the ``round(rho * n_classes)`` class pairs with the closest rows.
+
+    The rows are the dense model's class weight vectors; closeness is their Euclidean distance
+    (ties: the pair first in row-major order of the lower triangle). A class may be in several
+    pairs, as in the authors' code (which takes ``int(rho * n_classes)``; the two agree for the
+    default rho = 0.5 and an even class count).
+
+    Args:
+        class_weights: (n_classes, n_features) dense class weights.
+        rho: pairs per class, >= 0.
+
+    Returns:
+        ``(c, c')`` with ``c < c'``, closest first.
+
+    Raises:
+        ValueError: ``rho`` negative, or more pairs asked for than there are.
+    """
+    weights = np.asarray(class_weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[0] < 2:
+        raise ValueError(f"class_weights must have shape (n_classes >= 2, n), got {weights.shape}")
+    if not (rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+    n_classes = weights.shape[0]
+    n_pairs = round(rho * n_classes)
+    n_all = n_classes * (n_classes - 1) // 2
+    if n_pairs > n_all:
+        raise ValueError(
+            f"rho={rho} asks for {n_pairs} pairs but {n_classes} classes have only {n_all}"
+        )
+    squared = (weights**2).sum(axis=1)
+    distance = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * weights @ weights.T, 0))
+    rows, columns = np.tril_indices(n_classes, -1)
+    order = np.argsort(distance[rows, columns], kind="stable")[:n_pairs]
+    return [(int(columns[i]), int(rows[i])) for i in order]

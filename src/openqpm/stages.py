@@ -75,6 +75,7 @@ class Stage:
         per_method: it runs once per method (``evaluate``, ``report``): ``needs`` may name
             ``"model"`` (the method's model stage), ``{suffix}`` in ``writes`` is ``""`` for QPM
             and ``"_<method>"`` otherwise, and its record in ``stages.json`` is per method.
+        shared_with: other methods whose chain also runs it (one result for all of them).
     """
 
     name: str
@@ -88,6 +89,7 @@ class Stage:
     method: str | None = None
     model: bool = False
     per_method: bool = False
+    shared_with: tuple[str, ...] = ()
 
 
 # The fields of the glm path fits the three baselines share.
@@ -117,6 +119,8 @@ STAGES: tuple[Stage, ...] = (
             "data.image_size_px",
             "data.augment",
             "data.batch_size",
+            "data.calibration_fraction",  # the held-out images train nothing
+            "data.calibration_seed",
             "model.arch",
             "model.weights",
             "model.reduced_strides",
@@ -137,6 +141,7 @@ STAGES: tuple[Stage, ...] = (
         run=_runs.stage_features,
         reads_images=True,
         method="qpm",
+        shared_with=("chiqpm",),
     ),
     Stage(
         name="problem",
@@ -156,6 +161,7 @@ STAGES: tuple[Stage, ...] = (
         run=_runs.stage_problem,
         command=False,
         method="qpm",
+        shared_with=("chiqpm",),
     ),
     Stage(
         name="assignment",
@@ -176,6 +182,32 @@ STAGES: tuple[Stage, ...] = (
         run=_runs.stage_finetune,
         reads_images=True,
         method="qpm",
+        model=True,
+    ),
+    Stage(
+        name="chiqpm-assignment",
+        description="solving the assignment problem with CHiQPM's near-equal class pairs",
+        needs=("dense", "problem"),
+        writes=("assignment_chiqpm.json",),
+        fields=("solver.method", "solver.time_limit_s", "sparsify.chiqpm_rho", "seed"),
+        run=_runs.stage_chiqpm_assignment,
+        command=False,
+        method="chiqpm",
+    ),
+    Stage(
+        name="chiqpm",
+        description="CHiQPM: fine-tuning with ReLU features and the feature grounding loss",
+        needs=("dense", "features", "chiqpm-assignment"),
+        writes=("chiqpm.safetensors",),
+        fields=(
+            *_FINETUNE_FIELDS,
+            "sparsify.chiqpm_grounding_weight",
+            "sparsify.chiqpm_grounding_epochs",
+            "sparsify.chiqpm_remaining_factor",
+        ),
+        run=_runs.stage_chiqpm,
+        reads_images=True,
+        method="chiqpm",
         model=True,
     ),
     Stage(
@@ -222,7 +254,7 @@ STAGES: tuple[Stage, ...] = (
         name="evaluate",
         description="evaluating the dense model and the sparse model",
         needs=("dense", "model"),
-        writes=("metrics{suffix}.json",),
+        writes=("metrics{suffix}.json", "calibration{suffix}.json"),
         fields=(),
         run=_runs.stage_evaluate,
         reads_images=True,
@@ -280,7 +312,7 @@ def model_stage(method: str) -> Stage:
 def stages_for(config: RunConfig) -> tuple[str, ...]:
     """The stages of a full run of the configuration's method, in run order."""
     method = _method(config)
-    return tuple(s.name for s in STAGES if s.method in (None, method))
+    return tuple(s.name for s in STAGES if s.method in (None, method) or method in s.shared_with)
 
 
 def _resolved_needs(stage: Stage, config: RunConfig) -> dict[str, str]:

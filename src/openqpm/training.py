@@ -61,7 +61,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from openqpm import distributed as _distributed
 from openqpm._io import atomic_path, eval_mode, is_main_process, read_json_header, unpack_batch
-from openqpm.losses import feature_diversity_loss, feature_grounding_loss
+from openqpm.losses import (
+    REFERENCE_REMAINING_FACTOR,
+    feature_diversity_loss,
+    feature_grounding_loss,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; models import torchvision
     from openqpm.models.head import QPMHead
@@ -86,7 +90,11 @@ _CHECKPOINT_VERSION = 1
 _METADATA_KEY = "openqpm_checkpoint"
 # Hyperparameters recorded since a later version, with the value that checkpoints without them
 # were trained with.
-_ADDED_HYPERPARAMETERS: dict[str, Any] = {"grounding_weight": 0.0, "grounding_epochs": None}
+_ADDED_HYPERPARAMETERS: dict[str, Any] = {
+    "grounding_weight": 0.0,
+    "grounding_epochs": None,
+    "grounding_remaining_factor": REFERENCE_REMAINING_FACTOR,
+}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -201,6 +209,8 @@ class TrainingSchedule:
     seed: int = 0  # with the epoch and the rank, derives the randomness of every epoch
     grounding_weight: float = 0.0  # weight of the feature grounding loss (CHiQPM); 0 = none
     grounding_epochs: int | None = None  # epochs (from 0) with grounding; None = all of them
+    # the factor on the unassigned features' mean (the authors' 2; see feature_grounding_loss)
+    grounding_remaining_factor: float = REFERENCE_REMAINING_FACTOR
 
     def __post_init__(self) -> None:
         self.validate()
@@ -403,6 +413,7 @@ class _LossModule(nn.Module):
         diversity_beta: float,
         grounding_weight: float = 0.0,
         grounding_epochs: int | None = None,
+        grounding_remaining_factor: float = REFERENCE_REMAINING_FACTOR,
     ) -> None:
         super().__init__()
         if grounding_weight > 0 and not getattr(model, "is_qpm", False):
@@ -416,6 +427,7 @@ class _LossModule(nn.Module):
         self.diversity_beta = diversity_beta
         self.grounding_weight = grounding_weight
         self.grounding_epochs = grounding_epochs
+        self.grounding_remaining_factor = grounding_remaining_factor
         self.epoch = 0  # the current epoch (0-based), set by the training loop
 
     def forward(
@@ -437,7 +449,10 @@ class _LossModule(nn.Module):
             logits = head.logits_from_pre_logits(pre_logits)  # (B, n_c)
             with torch.autocast(device_type=images.device.type, enabled=False):
                 grounding = grounding_weight * feature_grounding_loss(
-                    pre_logits.float(), labels, head.weight
+                    pre_logits.float(),
+                    labels,
+                    head.weight,
+                    remaining_factor=self.grounding_remaining_factor,
                 )
         cross_entropy = functional.cross_entropy(logits.float(), labels)
         if self.diversity_beta == 0.0:
@@ -773,6 +788,7 @@ def _hyperparameters(
         "diversity_beta": schedule.diversity_beta,
         "grounding_weight": schedule.grounding_weight,
         "grounding_epochs": schedule.grounding_epochs,
+        "grounding_remaining_factor": schedule.grounding_remaining_factor,
         "seed": schedule.seed,
         "world_size": _distributed.world_size(),
         "n_steps_per_epoch": n_steps,
@@ -800,6 +816,7 @@ def _set_up(
         diversity_beta=schedule.diversity_beta,
         grounding_weight=schedule.grounding_weight,
         grounding_epochs=schedule.grounding_epochs,
+        grounding_remaining_factor=schedule.grounding_remaining_factor,
     )
     use_amp = schedule.amp and device.type == "cuda"
     model.to(device)
