@@ -153,3 +153,151 @@ def test_overrides_apply_to_named_and_path_configs(tmp_path: Path) -> None:
     config = apply_overrides(load_config("demo"), {"solver.n_features": 12})
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml").solver.n_features == 12
+
+
+# ----------------------------------------------------------------------------- CHiQPM sets
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    """Random images that differ in colour and contrast, so that the features differ."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 3, 32, 32, generator=generator)
+    scale = torch.rand(n, 3, 1, 1, generator=generator) * 2
+    return noise * scale + torch.randn(n, 3, 1, 1, generator=generator)
+
+
+def _binary_model(*, relu: bool = True, seed: int = 0) -> Any:
+    """An untrained tiny QPM (6 classes, 6 features, 2 per class) on the tiny CNN, its
+    normalisation fitted to random images so that images are classified differently."""
+    import numpy as np
+
+    from openqpm.models import QPMHead, QPMModel, create_backbone
+
+    torch.manual_seed(seed)
+    backbone = create_backbone("tiny_cnn").eval()
+    selected = [0, 3, 5, 8, 13, 21]
+    with torch.no_grad():
+        pooled = backbone(_images(200, seed + 100))[:, selected].mean(dim=(2, 3)).numpy()
+    pairs = [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5)]
+    matrix = np.zeros((6, 6))
+    for row, (a, b) in enumerate(pairs):
+        matrix[row, [a, b]] = 1
+    head = QPMHead(selected, pooled.mean(axis=0), pooled.std(axis=0) + 1e-6, matrix, relu=relu)
+    names = [f"class {c}" for c in range(6)]
+    return QPMModel(backbone, head, class_names=names).eval()
+
+
+def _head_outputs(model: Any, images: torch.Tensor) -> tuple[Any, Any]:
+    """(logits, head inputs) of transformed images, computed here, not by the API."""
+    with torch.no_grad():
+        maps = model.forward_features(images)
+        return (
+            model.forward_head(maps).float().numpy(),
+            model.forward_head(maps, pre_logits=True).float().numpy(),
+        )
+
+
+def _fitted(model: Any, *, seed: int = 1) -> Any:
+    """A calibration on 60 random images, labelled by the model with a third flipped."""
+    import numpy as np
+
+    from openqpm.conformal import Calibration
+
+    logits, activations = _head_outputs(model, _images(60, seed))
+    rng = np.random.default_rng(seed)
+    labels = logits.argmax(axis=1)
+    flipped = rng.random(len(labels)) < 0.33
+    labels[flipped] = rng.integers(0, logits.shape[1], int(flipped.sum()))
+    weights = model.class_weights().numpy()
+    return Calibration.fit(logits, activations, labels, weights)
+
+
+def test_explain_prediction_sets_equal_the_calibrations() -> None:
+    import numpy as np
+
+    from openqpm.conformal import SCORES, hierarchy_levels
+
+    model = _binary_model()
+    calibration = _fitted(model)
+    weights = model.class_weights().numpy()
+    images = _images(6, 7)
+    logits, activations = _head_outputs(model, images)
+    for alpha in (0.1, 0.3):
+        for index, image in enumerate(images):
+            explanation = openqpm.explain_prediction(
+                model, image, calibration=calibration, alpha=alpha
+            )
+            assert explanation.alpha == alpha
+            assert set(explanation.prediction_sets) == set(SCORES)
+            for score in SCORES:
+                (expected,) = calibration.prediction_sets(
+                    score, logits[index][None], activations[index][None], alpha
+                )
+                found = explanation.prediction_sets[score]
+                assert found.classes == expected.tolist(), (score, alpha, index)
+                assert found.class_names == [model.class_names[c] for c in expected]
+                assert found.alpha == alpha
+            chosen = explanation.calibrated_set
+            assert chosen is not None and chosen.score == "hierarchical"
+            assert chosen.level == calibration.threshold("hierarchical", alpha)[1]
+            assert explanation.prediction_sets["aps"].level is None
+            # the hierarchy, as data: the levels of conformal.hierarchy_levels
+            hierarchy = explanation.hierarchy
+            predicted = int(np.argmax(logits[index]))
+            assert hierarchy is not None and hierarchy.prediction == predicted
+            levels = hierarchy_levels(activations[index], weights, predicted)
+            assert hierarchy.levels == [level.tolist() for level in levels]
+            own = np.flatnonzero(weights[predicted])
+            assert hierarchy.path == own[np.argsort(-activations[index][own])].tolist()
+            text = explanation.text()
+            names = ", ".join(chosen.class_names) or "empty"
+            assert f"calibrated set (alpha={alpha:g}, hierarchical): {names}" in text
+            path = " > ".join(f"f{feature}" for feature in hierarchy.path)
+            assert "path: " in text and all(f"f{d}" in text for d in hierarchy.path), path
+
+
+def test_explain_prediction_sets_grow_as_alpha_shrinks() -> None:
+    model = _binary_model()
+    calibration = _fitted(model)
+    sizes = []
+    for image in _images(8, 11):
+        small = openqpm.explain_prediction(model, image, calibration=calibration, alpha=0.4)
+        large = openqpm.explain_prediction(model, image, calibration=calibration, alpha=0.02)
+        for score in ("aps", "thr"):  # nested in alpha (the hierarchical level may move)
+            assert set(small.prediction_sets[score].classes) <= set(
+                large.prediction_sets[score].classes
+            )
+        sizes.append(
+            (len(small.prediction_sets["thr"].classes), len(large.prediction_sets["thr"].classes))
+        )
+    assert any(a < b for a, b in sizes), sizes
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_explain_prediction_refuses_alpha_outside_zero_one(alpha: float) -> None:
+    model = _binary_model()
+    with pytest.raises(ValueError, match="alpha"):
+        openqpm.explain_prediction(model, torch.randn(3, 32, 32), alpha=alpha)
+
+
+def test_explain_prediction_without_calibration_and_other_heads() -> None:
+    from openqpm.models import DenseHead, QPMModel, create_backbone
+
+    image = torch.randn(3, 32, 32)
+    model = _binary_model()
+    plain = openqpm.explain_prediction(model, image)
+    assert plain.hierarchy is not None and plain.prediction_sets == {} and plain.alpha is None
+    assert "path: f" in plain.text() and "calibrated set" not in plain.text()
+    # a dense head: no hierarchy, no error; a calibration cannot belong to it
+    dense = QPMModel(create_backbone("tiny_cnn"), DenseHead(32, 6), class_names=model.class_names)
+    explanation = openqpm.explain_prediction(dense.eval(), image)
+    assert explanation.hierarchy is None and explanation.prediction_sets == {}
+    assert "path:" not in explanation.text()
+    with pytest.raises(ValueError, match="binary"):
+        openqpm.explain_prediction(dense, image, calibration=_fitted(model))
+    # a calibration of another QPM (other class-feature matrix) is refused
+    other = _binary_model(seed=3)
+    matrix = other.head.class_feature_matrix
+    other.head.class_feature_matrix = matrix[[1, 0, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="another model"):
+        openqpm.explain_prediction(other, image, calibration=_fitted(model))

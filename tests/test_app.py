@@ -138,3 +138,82 @@ def test_browser_upload_shows_grid(app_run: Path, server: str, tmp_path: Path) -
         assert "openqpm" in driver.title
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def calibrated_app_run(app_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the app's run with the calibration file its evaluate stage would write."""
+    from tests.test_predict import write_calibration
+
+    run_dir = tmp_path_factory.mktemp("calibrated_app") / "run"
+    shutil.copytree(app_run, run_dir)
+    write_calibration(run_dir, agreement=0.9)
+    return run_dir
+
+
+def _components(app: object, kind: str) -> list[object]:
+    blocks = getattr(app, "blocks", {})
+    return [block for block in blocks.values() if type(block).__name__ == kind]
+
+
+def test_app_coverage_slider_sets_the_calibrated_set(calibrated_app_run: Path) -> None:
+    from PIL import Image
+
+    from openqpm.app import build_app
+
+    app = build_app(calibrated_app_run, device="cpu")
+    state = app.openqpm_state
+    (slider,) = [s for s in _components(app, "Slider") if getattr(s, "elem_id", "") == "coverage"]
+    assert (slider.minimum, slider.maximum, slider.value) == (0.80, 0.99, 0.90)  # type: ignore[attr-defined]
+    assert any(getattr(i, "elem_id", "") == "tree" for i in _components(app, "Image"))
+    root = Path(load_config(calibrated_app_run / "config.yaml").data.root)
+    pictures = [Image.open(p).convert("RGB") for p in sorted((root / "images").rglob("*.png"))[::7]]
+    calibration = state.loaded.calibration
+    sizes = []
+    for picture in pictures:
+        tree_low, text_low = app.openqpm_hierarchy(picture, 0.80)
+        tree_high, text_high = app.openqpm_hierarchy(picture, 0.99)
+        assert tree_low.ndim == 3 and tree_low.shape[2] == 3 and tree_high.shape[2] == 3
+        _, local = state.analyse(picture)
+        low = state.calibrated_sets(local, 0.80)["hierarchical"]
+        high = state.calibrated_sets(local, 0.99)["hierarchical"]
+        for chosen, alpha in ((low, 0.2), (high, 0.01)):  # the calibration's own sets
+            (expected,) = calibration.prediction_sets(
+                "hierarchical", local.logits[None], local.features[None], alpha
+            )
+            assert chosen.classes == expected.tolist() and chosen.alpha == alpha
+        assert set(low.classes) <= set(high.classes)
+        assert "target coverage 80%" in text_low and "target coverage 99%" in text_high
+        for name in low.class_names:
+            assert name in text_low
+        sizes.append((len(low.classes), len(high.classes)))
+    assert any(small < large for small, large in sizes), sizes
+
+
+def test_app_without_calibration_has_no_slider_and_says_why(app_run: Path) -> None:
+    from PIL import Image
+
+    from openqpm.app import build_app
+
+    app = build_app(app_run, device="cpu")
+    assert not [s for s in _components(app, "Slider") if getattr(s, "elem_id", "") == "coverage"]
+    notes = [
+        m for m in _components(app, "Markdown") if getattr(m, "elem_id", "") == "no-calibration"
+    ]
+    assert len(notes) == 1 and "data.calibration_fraction=0.1" in notes[0].value  # type: ignore[attr-defined]
+    picture = Image.open(_test_image(app_run)).convert("RGB")
+    tree, text = app.openqpm_hierarchy(picture)
+    assert tree is not None and tree.ndim == 3
+    assert "path: " in text and "No calibrated prediction sets" in text
+
+
+def test_client_hierarchy_endpoint(app_run: Path, server: str) -> None:
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    tree, text = client.predict(handle_file(str(_test_image(app_run))), api_name="/hierarchy")
+    assert Path(tree).is_file()
+    (expected,) = openqpm.predict(load_run(app_run).model, [_test_image(app_run)], top_k=1)
+    # the path starts at the predicted class's strongest feature
+    assert text.startswith(f"path: Feature {expected.features[0].channel} (")
+    assert "No calibrated prediction sets" in text

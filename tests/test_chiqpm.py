@@ -161,3 +161,18 @@ def test_without_held_out_images_there_is_no_calibration(data_root: Path, tmp_pa
 def test_a_bad_calibration_fraction_is_refused(data_root: Path) -> None:
     with pytest.raises(ConfigError, match="calibration_fraction"):
         _config(data_root, "chiqpm", fraction=1.0)
+
+
+def test_compare_lists_the_calibrated_sets_of_both_methods(runs: dict[str, Any]) -> None:
+    from openqpm.compare import compare, conformal_markdown
+
+    comparison = compare([runs["run_dir"]])
+    table = conformal_markdown(comparison)
+    assert table is not None
+    rows = [line for line in table.splitlines()[2:]]
+    assert [row.split("|")[1].strip() for row in rows] == ["qpm"] * 4 + ["chiqpm"] * 4
+    pairs = runs["results"]["chiqpm"].metrics["chiqpm"]["one_feature_apart_pairs"]
+    assert rows[4].split("|")[2].strip() == f"{pairs:.1f}"
+    conformal = runs["results"]["chiqpm"].metrics["chiqpm"]["conformal"]["results"]
+    thr = next(r for r in conformal if r["score"] == "thr" and r["alpha"] == 0.05)
+    assert rows[4].split("|")[-3].strip() == f"{100 * thr['coverage']:.1f}"

@@ -463,6 +463,7 @@ def test_solve_of_a_run_applies_every_flag(
         "--epochs-dense": "2",
         "--epochs-finetune": "3",
         "--batch-size": "4",
+        "--calibration-fraction": "0.2",
         "--method": "search",
         "--time-limit": "1.5",
         "--seed": "9",
@@ -536,3 +537,29 @@ def test_ctrl_c_during_solve_writes_the_best_assignment(
     err = capsys.readouterr().err
     assert "best assignment so far" in err and str(out) in err
     assert Assignment.load(out).objective == pytest.approx(best.objective)
+
+
+def test_explain_predict_and_app_take_method_alpha_and_tree_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command, flags in (
+        ("explain", ("--method", "--alpha", "--tree-out")),
+        ("predict", ("--method",)),
+        ("app", ("--method",)),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), (command, out)
+    # --alpha out of (0, 1): one line, before any run is read
+    image = tmp_path / "image.png"
+    for bad in ("0", "1", "-0.5", "nan"):
+        assert main(["explain", str(tmp_path), str(image), "--alpha", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--alpha must be in (0, 1)" in err and len(err.splitlines()) == 1
+    # an unknown method: named, with the valid ones
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    assert main(["explain", str(tmp_path), str(image), "--method", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and "chiqpm" in err

@@ -348,10 +348,10 @@ def test_hierarchical_scores_hand_built() -> None:
         # alpha = 0.4: L = 1 again; rank ceil(4 * 0.6) = 3 -> q = 0: the classes outside the
         # level score 0 too, so every set is every class.
         (0.4, 1, 0.0, [[0, 1, 2, 3]] * 3),
-        # alpha = 0.7: acc[0] and acc[1] >= 0.3, no level fails -> L = 0 (the authors' argmin).
-        # True scores at L = 0: -6, -6, -1; rank ceil(4 * 0.3) = 2 -> q = -6.
-        # A: {0 (-6), 1 (-8)}; B: {2 (-6)}; C: {3 (-8)}.
-        (0.7, 0, -6.0, [[0, 1], [2], [3]]),
+        # alpha = 0.7: acc[0] and acc[1] >= 0.3, no level fails -> L = k - 1 = 1 (the authors'
+        # latest version). True scores at L = 1: -1, -2, 0; rank ceil(4 * 0.3) = 2 -> q = -1.
+        # A: {0 (-1), 1 (-3)}; B: {0 (-1), 2 (-2)}; C: {3 (-2)}.
+        (0.7, 1, -1.0, [[0, 1], [0, 2], [3]]),
         # alpha = 0.2: acc[0] < 0.8 -> L = 0; rank ceil(4 * 0.8) = 4 > 3 -> q = inf.
         (0.2, 0, math.inf, [[0, 1, 2, 3]] * 3),
     ],
@@ -375,7 +375,7 @@ def test_hierarchical_level_from_accuracies() -> None:
     assert hierarchical_level(depths, 3, 0.1) == 2  # 0.95, 0.90 pass (tolerance), 0.85 fails
     assert hierarchical_level(depths, 3, 0.08) == 1
     assert hierarchical_level(depths, 3, 0.01) == 0  # even the first level fails
-    assert hierarchical_level(depths, 3, 0.2) == 0  # no level fails: 0, as the authors' argmin
+    assert hierarchical_level(depths, 3, 0.2) == 2  # no level fails: k - 1
     with pytest.raises(ValueError, match="lie in"):
         hierarchical_level([4], 3, 0.1)
 
@@ -637,3 +637,27 @@ def test_thr_and_aps_match_torchcp() -> None:
         for i, members in enumerate(sets(softmax(logits[test]), q)):
             mask[i, members] = True
         assert np.array_equal(mask, their_sets.cpu().numpy().astype(bool))
+
+
+def test_format_conformal_table_lists_every_alpha_and_score() -> None:
+    from openqpm.conformal import format_conformal_table
+
+    rows = [
+        {
+            "score": score,
+            "alpha": alpha,
+            "coverage": 1 - alpha / 2,
+            "mean_set_size": 2.0 + alpha,
+            "set_coherence": 0.5 if score != "thr" else None,
+            "threshold": 0.1,
+            "level": None,
+        }
+        for score in SCORES
+        for alpha in (0.05, 0.1)
+    ]
+    text = format_conformal_table({"n_calibration": 7, "alphas": [0.05, 0.1], "results": rows})
+    lines = text.splitlines()
+    assert "7 held-out training images" in lines[0]
+    assert lines[1].split()[:4] == ["alpha", "target", "hierarchical", "cover"]
+    assert lines[2].split()[:5] == ["0.05", "95.0%", "97.5%", "2.05", "50.0%"]
+    assert lines[3].split()[-3:] == ["95.0%", "2.10", "-"]

@@ -11,6 +11,16 @@ Everything ``openqpm train`` does is available here, with typed results::
     openqpm.predict(model, ["bird.jpg"], top_k=3)
     openqpm.explain_prediction(model, "bird.jpg").text()
 
+For a QPM or CHiQPM model (a binary head) the explanation of an image also holds its
+hierarchical explanation (the predicted class's features, strongest first, and the classes
+that share each prefix) and, given the run's calibration (made by the evaluate stage when the run
+held out ``data.calibration_fraction`` of the training images), its calibrated prediction sets::
+
+    from openqpm.app import load_run
+
+    loaded = load_run("runs/demo", method="chiqpm")   # the model and its calibration, if any
+    openqpm.explain_prediction(loaded.model, "bird.jpg", calibration=loaded.calibration).text()
+
 The CLI is a thin layer over these functions: the same configuration gives the same stage hashes
 and the same artifacts whichever is used.
 """
@@ -20,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +42,9 @@ from openqpm.stages import Reporter, outputs_of, stage_hash, stages_for
 if TYPE_CHECKING:  # pragma: no cover - annotations only (these import torch)
     import torch
 
+    from openqpm.conformal import Calibration
+    from openqpm.explain.figures import LocalExplanation
+    from openqpm.explain.hierarchy import HierarchicalExplanation
     from openqpm.models.model import QPMModel
     from openqpm.solver.problem import Assignment
 
@@ -40,6 +53,7 @@ __all__ = [
     "FeatureContribution",
     "ImageExplanation",
     "Prediction",
+    "PredictionSet",
     "RunResult",
     "explain_prediction",
     "load_config",
@@ -254,6 +268,28 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class PredictionSet:
+    """A calibrated prediction set of one image.
+
+    Attributes:
+        score: the non-conformity score it was calibrated with (``hierarchical``, ``aps`` or
+            ``thr``, :data:`openqpm.conformal.SCORES`).
+        alpha: the miscoverage level: on images exchangeable with the calibration images the
+            set holds the true class at least ``1 - alpha`` of the time.
+        classes: the classes, ascending index (may be empty for ``hierarchical``).
+        class_names: their names, same order.
+        level: for ``hierarchical``, the level of the image's hierarchy the threshold was
+            calibrated at (0 = every class); None for the other scores.
+    """
+
+    score: str
+    alpha: float
+    classes: list[int]
+    class_names: list[str]
+    level: int | None = None
+
+
+@dataclass(frozen=True)
 class ImageExplanation:
     """Why one image got its class, and not another.
 
@@ -266,6 +302,13 @@ class ImageExplanation:
         predicted_only: features only the predicted class uses.
         versus_only: features only the compared class uses.
         feature_maps: (K, h, w) the maps the head reads, for heatmaps.
+        class_names: every class's name (for the hierarchy's classes).
+        hierarchy: for a binary head (QPM, CHiQPM) the hierarchical explanation: ``path``, the
+            predicted class's features strongest first, and ``levels[j]``, the classes whose
+            ``j`` strongest features are the path's first ``j``; None for other heads.
+        alpha: the miscoverage level of ``prediction_sets`` (None without a calibration).
+        prediction_sets: ``{score: set}`` for every score of :data:`openqpm.conformal.SCORES`
+            when a calibration was given; empty otherwise.
     """
 
     predicted: ClassScore
@@ -276,9 +319,19 @@ class ImageExplanation:
     predicted_only: list[int]
     versus_only: list[int]
     feature_maps: np.ndarray
+    class_names: list[str] = field(default_factory=list)
+    hierarchy: HierarchicalExplanation | None = None
+    alpha: float | None = None
+    prediction_sets: dict[str, PredictionSet] = field(default_factory=dict)
+
+    @property
+    def calibrated_set(self) -> PredictionSet | None:
+        """The CHiQPM (``hierarchical``) prediction set, or None without a calibration."""
+        return self.prediction_sets.get("hierarchical")
 
     def text(self) -> str:
-        """The explanation in a few lines of plain text."""
+        """The explanation in a few lines of plain text (with the hierarchy's path and the
+        calibrated set when there are)."""
 
         def listed(items: list[FeatureContribution]) -> str:
             return ", ".join(f"f{item.feature} {item.contribution:+.2f}" for item in items)
@@ -295,7 +348,57 @@ class ImageExplanation:
             f"{second.class_name} (score {second.score:.2f}): {listed(self.versus_features)}",
             contrast,
         ]
+        if self.hierarchy is not None:
+            lines.append(_path_text(self.hierarchy, self.class_names))
+        chosen = self.calibrated_set
+        if chosen is not None:
+            lines.append(
+                f"calibrated set (alpha={chosen.alpha:g}, {chosen.score}): "
+                f"{_names(chosen.class_names, _MAX_SET_NAMES) or 'empty'} "
+                f"(calibrated at tree level {chosen.level})"
+            )
         return "\n".join(lines)
+
+
+_MAX_SET_NAMES = 25  # class names written out per calibrated set in text
+_MAX_LEAVING_NAMES = 6  # class names written out per level of the path
+
+
+def _names(names: Sequence[str], limit: int) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def _path_text(
+    hierarchy: HierarchicalExplanation,
+    class_names: Sequence[str],
+    feature_labels: Sequence[str] | None = None,
+) -> str:
+    """The hierarchy in one line: the path, how many classes share each prefix of it, and the
+    classes that leave it after each feature (``feature_labels``: names instead of ``f<d>``).
+
+    ``path: f12 (4 classes) > f7 (2) > f3 (1); leave after f12: B, C; after f7: D`` reads: 4
+    classes have f12 as their strongest feature, 2 of them f7 next; B and C leave after f12
+    (their second strongest feature is another), D after f7; the prediction has the whole path.
+    """
+
+    def name(feature: int) -> str:
+        return f"f{feature}" if feature_labels is None else feature_labels[feature]
+
+    steps = [f"{name(d)} ({len(hierarchy.levels[j])})" for j, d in enumerate(hierarchy.path, 1)]
+    if steps:
+        first = len(hierarchy.levels[1])
+        steps[0] = f"{name(hierarchy.path[0])} ({first} {'class' if first == 1 else 'classes'})"
+    leaving: list[str] = []
+    for j in range(1, hierarchy.k):
+        later = set(hierarchy.levels[j + 1])
+        gone = [class_names[c] for c in hierarchy.levels[j] if c not in later]
+        if gone:
+            where = "leave after" if not leaving else "after"
+            leaving.append(
+                f"{where} {name(hierarchy.path[j - 1])}: {_names(gone, _MAX_LEAVING_NAMES)}"
+            )
+    return "path: " + " > ".join(steps) + "".join(f"; {part}" for part in leaving)
 
 
 def _feature_list(features: list[int]) -> str:
@@ -327,9 +430,13 @@ def _score(model: QPMModel, logits: np.ndarray, class_index: int) -> ClassScore:
 
 
 def _local(model: QPMModel, image: Any, device: str | torch.device | None) -> Any:
+    import torch
+
     from openqpm.explain import explain_image
 
-    tensor = _as_tensor(image, _input_transform(model))
+    # a transformed tensor needs no transform (nor the metadata it is built from)
+    transform = None if isinstance(image, torch.Tensor) else _input_transform(model)
+    tensor = _as_tensor(image, transform)
     target = device if device is not None else next(model.parameters()).device
     return explain_image(model, tensor, device=target)
 
@@ -420,8 +527,16 @@ def explain_prediction(
     *,
     versus: int | str | None = None,
     device: str | torch.device | None = None,
+    calibration: Calibration | None = None,
+    alpha: float = 0.1,
 ) -> ImageExplanation:
     """Explain one image: its class's features, their activations, and why not ``versus``.
+
+    For a binary head (QPM, CHiQPM) the explanation also holds the image's hierarchy
+    (``hierarchy``: the path of the predicted class's features, strongest first, and the
+    classes sharing each prefix) and, given ``calibration``, the prediction sets at ``alpha`` of
+    every score (``prediction_sets``; ``calibrated_set`` is CHiQPM's). Dense and sparse heads
+    have neither (no error without a calibration).
 
     (Not named ``explain``: ``openqpm.explain`` is the package of global explanations and figures.)
 
@@ -430,10 +545,19 @@ def explain_prediction(
         image: a path, a PIL image or a transformed (3, H, W) tensor.
         versus: the class to contrast with (index or name); default the runner-up.
         device: where to run (default: the model's device).
+        calibration: the model's calibration (``openqpm.app.load_run(run_dir).calibration``),
+            for the prediction sets.
+        alpha: the miscoverage level of the sets, in (0, 1): they hold the true class for at
+            least ``1 - alpha`` of the images exchangeable with the calibration images.
 
     Raises:
-        ValueError: ``versus`` names no class of the model.
+        ValueError: ``versus`` names no class of the model, ``alpha`` is not in (0, 1), or
+            ``calibration`` is not one of this model (another class-feature matrix, or a head
+            that is not binary).
     """
+    _check_alpha(alpha)
+    if calibration is not None:
+        _check_calibration(model, calibration)
     local = _local(model, image, device)
     predicted = int(local.predicted_class)
     other = local.runner_up_class if versus is None else _class_index(model, versus)
@@ -449,7 +573,82 @@ def explain_prediction(
         predicted_only=sorted(used_predicted - used_other),
         versus_only=sorted(used_other - used_predicted),
         feature_maps=local.feature_maps,
+        class_names=list(model.class_names),
+        hierarchy=_hierarchy(local),
+        alpha=None if calibration is None else float(alpha),
+        prediction_sets=(
+            {}
+            if calibration is None
+            else _prediction_sets(model.class_names, local, calibration, alpha)
+        ),
     )
+
+
+def _check_alpha(alpha: float) -> None:
+    """ValueError naming ``alpha`` unless it is a number in (0, 1)."""
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float, np.floating, np.integer))
+        or not 0.0 < float(alpha) < 1.0  # False for NaN too
+    ):
+        raise ValueError(f"alpha must be in (0, 1) (e.g. 0.1 for 90% coverage), got {alpha!r}")
+
+
+def _is_binary(weights: np.ndarray) -> bool:
+    """Whether ``weights`` is a QPM class-feature matrix: 0/1, the same k > 0 ones per row."""
+    if weights.ndim != 2 or weights.size == 0 or not np.isin(weights, (0, 1)).all():
+        return False
+    sums = weights.sum(axis=1)
+    return bool(sums[0] > 0 and (sums == sums[0]).all())
+
+
+def _check_calibration(model: QPMModel, calibration: Calibration) -> None:
+    weights = model.class_weights().detach().float().cpu().numpy()
+    if not _is_binary(weights):
+        raise ValueError(
+            "calibration: prediction sets need a binary head (QPM, CHiQPM); this model's "
+            "class weights are not 0/1 with k per class"
+        )
+    if calibration.weights.shape != weights.shape or not np.array_equal(
+        calibration.weights, weights
+    ):
+        raise ValueError(
+            "calibration: it was fit for another model (its class-feature matrix "
+            f"{tuple(calibration.weights.shape)} differs from this model's {weights.shape})"
+        )
+
+
+def _hierarchy(local: LocalExplanation) -> HierarchicalExplanation | None:
+    """The hierarchical explanation of a forward pass, or None when the head is not binary."""
+    if not _is_binary(local.class_weights):
+        return None
+    from openqpm.explain.hierarchy import hierarchical_explanation
+
+    return hierarchical_explanation(
+        local.features, local.class_weights, prediction=int(local.predicted_class)
+    )
+
+
+def _prediction_sets(
+    class_names: Sequence[str], local: LocalExplanation, calibration: Calibration, alpha: float
+) -> dict[str, PredictionSet]:
+    """``{score: set}`` at ``alpha`` of one forward pass, for every score of SCORES."""
+    from openqpm.conformal import SCORES
+
+    _check_alpha(alpha)
+    logits, activations = local.logits[None, :], local.features[None, :]
+    sets = {}
+    for score in SCORES:
+        (classes,) = calibration.prediction_sets(score, logits, activations, alpha)
+        members = [int(c) for c in classes]
+        sets[score] = PredictionSet(
+            score=score,
+            alpha=float(alpha),
+            classes=members,
+            class_names=[class_names[c] for c in members],
+            level=calibration.threshold(score, alpha)[1],
+        )
+    return sets
 
 
 def _class_index(model: QPMModel, value: int | str) -> int:

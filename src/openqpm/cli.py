@@ -180,7 +180,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--epochs-dense", "dense.epochs", int, "dense training epochs"),
     _Flag("--epochs-finetune", "finetune.epochs", int, "fine-tuning epochs"),
     _Flag("--batch-size", "data.batch_size", int, "batch size per process"),
-    _Flag("--method", "sparsify.method", str, "qpm, glm-saga5, sldd or qsenn"),
+    _Flag("--method", "sparsify.method", str, "qpm, chiqpm, glm-saga5, sldd or qsenn"),
+    _Flag(
+        "--calibration-fraction",
+        "data.calibration_fraction",
+        float,
+        "share of the training images held out to calibrate prediction sets on (e.g. 0.1)",
+    ),
     _Flag("--solver", "solver.method", str, "solver method (auto, search, milp, ...)"),
     _Flag("--time-limit", "solver.time_limit_s", float, "solver time limit in seconds"),
     _Flag("--seed", "seed", int, "seed of data order, initialisation, solver and metrics"),
@@ -355,7 +361,14 @@ def _print_summary(result: RunResult, elapsed_s: float) -> None:
         from openqpm.stages import METHOD_LABELS
 
         label = METHOD_LABELS.get(result.method, result.method)
-        print(format_metrics_table(metrics.get("dense"), metrics.get(result.method), label=label))
+        evaluation = metrics.get(result.method) or {}
+        print(format_metrics_table(metrics.get("dense"), evaluation, label=label))
+        if evaluation.get("one_feature_apart_pairs") is not None:
+            print(f"Class pairs one feature apart: {evaluation['one_feature_apart_pairs']}")
+        if evaluation.get("conformal"):
+            from openqpm.conformal import format_conformal_table
+
+            print("\n" + format_conformal_table(evaluation["conformal"]))
         baseline = metrics.get("baseline_top_weights")
         if baseline:
             print(f"\nBaseline ({baseline['description']}): {baseline['accuracy']:.2f}% accuracy")
@@ -478,13 +491,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from openqpm.compare import compare, html_table, markdown_table
+    from openqpm.compare import compare, conformal_markdown, html_table, markdown_table
 
     try:
         comparison = compare(args.run_dirs)
     except ValueError as error:
         raise _CliError(str(error)) from None
     table = markdown_table(comparison)
+    sets = conformal_markdown(comparison)
+    if sets is not None:
+        table += "\n\nCalibrated prediction sets (test coverage %, mean set size):\n\n" + sets
     print(table)
     if args.out is not None:
         from openqpm._io import atomic_write_text
@@ -598,7 +614,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise _CliError(f"--top-k must be at least 1, got {args.top_k}")
-    loaded = load_run(args.run_dir, which=args.model, device=args.device)
+    loaded = load_run(args.run_dir, which=args.model, device=args.device, method=args.method)
     transform = loaded.transform()
     is_qpm = bool(getattr(loaded.model, "is_qpm", False))
     files = image_files(args.images)
@@ -662,24 +678,63 @@ def _print_prediction(
         )
 
 
+DEFAULT_ALPHA = 0.1  # `explain --alpha`: the calibrated set's miscoverage (90% coverage)
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
-    """Explain one image: text on stdout, the local explanation figure in --out."""
+    """Explain one image: text on stdout (with the hierarchy's path and, when the run is
+    calibrated, the prediction set at --alpha), the local explanation figure in --out and, for a
+    binary head, the tree in --tree-out."""
     from openqpm.api import explain_prediction
     from openqpm.app._loaded import load_run
     from openqpm.data._base import open_rgb
 
-    loaded = load_run(args.run_dir, device=args.device)
+    alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    if not 0.0 < alpha < 1.0:  # also NaN
+        raise _CliError(f"--alpha must be in (0, 1) (e.g. 0.1 for 90% coverage), got {alpha}")
+    loaded = load_run(args.run_dir, device=args.device, method=args.method)
+    if args.alpha is not None and loaded.calibration is None:
+        hint = (
+            "train with `--set data.calibration_fraction=0.1` to hold out calibration images"
+            if loaded.has_hierarchy
+            else "calibrated sets need a binary head: explain with --method qpm or chiqpm"
+        )
+        raise _CliError(
+            f"--alpha: {args.run_dir} has no calibrated prediction sets for {loaded.method} "
+            f"({loaded.calibration_note}); {hint}"
+        )
+    if args.tree_out is not None and not loaded.has_hierarchy:
+        raise _CliError(
+            f"--tree-out: the {loaded.method} model's head is not binary (QPM, CHiQPM): "
+            "it has no hierarchical explanation to draw"
+        )
     image = open_rgb(args.image)  # DatasetError naming the file when it cannot be read
     try:
         versus = None if args.versus is None else loaded.class_index(args.versus)
     except ValueError as error:
         raise _CliError(f"--versus: {error}") from None
-    explanation = explain_prediction(loaded.model, image, versus=versus, device=loaded.device)
+    explanation = explain_prediction(
+        loaded.model,
+        image,
+        versus=versus,
+        device=loaded.device,
+        calibration=loaded.calibration,
+        alpha=alpha,
+    )
     print(explanation.text())
     figure, _ = loaded.explanation_figure(image, versus=versus)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110, bbox_inches="tight")
     print(f"wrote {args.out}", file=sys.stderr)
+    if explanation.hierarchy is not None:
+        chosen = explanation.calibrated_set
+        tree = loaded.tree_figure(
+            explanation.hierarchy, calibrated_set=None if chosen is None else chosen.classes
+        )
+        tree_out = args.tree_out or args.out.with_name(f"{args.out.stem}_tree.png")
+        tree_out.parent.mkdir(parents=True, exist_ok=True)
+        tree.savefig(tree_out, dpi=110, bbox_inches="tight")
+        print(f"wrote {tree_out}", file=sys.stderr)
     return 0
 
 
@@ -689,7 +744,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        app = build_app(args.run_dir, device=args.device)
+        app = build_app(args.run_dir, device=args.device, method=args.method)
     except GradioMissingError as error:
         raise _CliError(str(error)) from None
     print(
@@ -798,6 +853,7 @@ def _add_result_commands(commands: Any) -> None:
     )
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     predict.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    _add_method_option(predict)
     predict.set_defaults(handler=_cmd_predict)
 
     explain = commands.add_parser(
@@ -810,6 +866,18 @@ def _add_result_commands(commands: Any) -> None:
         "--out", type=Path, default=Path("explanation.png"), help="figure to write"
     )
     explain.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    explain.add_argument(
+        "--alpha",
+        type=float,
+        help=f"miscoverage of the calibrated prediction set (default {DEFAULT_ALPHA}: 90%% "
+        "coverage); needs a run trained with --set data.calibration_fraction=0.1",
+    )
+    explain.add_argument(
+        "--tree-out",
+        type=Path,
+        help="hierarchy tree figure to write (default: <--out stem>_tree.png beside --out)",
+    )
+    _add_method_option(explain)
     explain.set_defaults(handler=_cmd_explain)
 
     app = commands.add_parser(
@@ -819,7 +887,16 @@ def _add_result_commands(commands: Any) -> None:
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--device", help="default: the run's config (auto, cpu, cuda:N)")
+    _add_method_option(app)
     app.set_defaults(handler=_cmd_app)
+
+
+def _add_method_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        help="the method whose model to use, in a run trained with several "
+        "(`train --method qpm,chiqpm`); default the run's sparsify.method",
+    )
 
 
 def _add_data_commands(commands: Any) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "MethodResult",
     "collect_results",
     "compare",
+    "conformal_markdown",
     "html_table",
     "markdown_table",
 ]
@@ -102,7 +103,19 @@ def _method_result(run_dir: Path, config: RunConfig, state: dict[str, Any]) -> M
         "sparsify_time_s": float(sum(times)) if all(t is not None for t in times) else None,
     }
     values.update({name: metrics.get(name) for name in _METRICS})
+    values["one_feature_apart_pairs"] = metrics.get("one_feature_apart_pairs")
+    for row in (metrics.get("conformal") or {}).get("results", []):
+        for key in _CONFORMAL_VALUES:
+            values[_conformal_key(row["score"], row["alpha"], key)] = row[key]
     return MethodResult(method, config.seed, run_dir, values, ternary)
+
+
+# what the calibrated sets table shows per score and alpha
+_CONFORMAL_VALUES = ("coverage", "mean_set_size", "set_coherence")
+
+
+def _conformal_key(score: str, alpha: float, value: str) -> str:
+    return f"conformal:{score}:{alpha:g}:{value}"
 
 
 def _dense_result(run_dir: Path, config: RunConfig) -> MethodResult | None:
@@ -180,8 +193,49 @@ def compare(paths: Sequence[str | Path]) -> dict[str, Any]:
         entry["metrics"] = {name: _mean_std([r.values[name] for r in rows]) for name in _METRICS}
         entry["weights_ternary"] = all(r.weights_ternary for r in rows)
         entry["seeds"] = sorted({r.seed for r in rows})
+        extra = sorted({k for r in rows for k in r.values if k.startswith("conformal:")})
+        for key in ("one_feature_apart_pairs", *extra):
+            if any(r.values.get(key) is not None for r in rows):
+                entry.setdefault("sets", {})[key] = _mean_std([r.values.get(key) for r in rows])
         table[method] = entry
     return table
+
+
+def conformal_markdown(comparison: dict[str, Any]) -> str | None:
+    """The calibrated prediction sets of every method that has them, as a markdown table: per
+    method and alpha, each score's test coverage (%) and mean set size, and the method's count of
+    class pairs one feature apart (mean ± std over seeds). None when no method has them."""
+    lines: list[str] = []
+    for method, entry in comparison.items():
+        sets = entry.get("sets", {})
+        keys = [k for k in sets if k.startswith("conformal:")]
+        if not keys:
+            continue
+        n_seeds = len(entry["seeds"])
+        scores = [s for s in ("hierarchical", "aps", "thr") if any(f":{s}:" in k for k in keys)]
+        alphas = sorted({float(k.split(":")[2]) for k in keys})
+        if not lines:
+            header = " | ".join(f"{s} coverage | {s} size" for s in scores)
+            lines += [
+                f"| Method | 1-apart pairs | alpha | {header} |",
+                "|---|---|---|" + "---|---|" * len(scores),
+            ]
+        pairs = sets.get("one_feature_apart_pairs", {"mean": None, "std": None})
+        for alpha in alphas:
+            cells = []
+            for score in scores:
+                coverage = sets.get(_conformal_key(score, alpha, "coverage"), _NONE)
+                size = sets.get(_conformal_key(score, alpha, "mean_set_size"), _NONE)
+                cells += [_cell(coverage, 100.0, n_seeds), _cell(size, 1.0, n_seeds)]
+            lines.append(
+                f"| {method} | {_cell(pairs, 1.0, n_seeds)} | {alpha:g} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) if lines else None
+
+
+_NONE: dict[str, float | None] = {"mean": None, "std": None}
 
 
 def _cell(statistic: dict[str, float | None], scale: float, n_seeds: int) -> str:

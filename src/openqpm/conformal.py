@@ -62,6 +62,7 @@ __all__ = [
     "coverage_and_size",
     "depth_scores",
     "depth_sets",
+    "format_conformal_table",
     "hierarchical_level",
     "hierarchical_scores",
     "hierarchical_sets",
@@ -502,9 +503,10 @@ def hierarchical_level(true_depths: ArrayLike, k: int, alpha: float) -> int:
     level ``L`` (the classes sharing the prediction's first ``L`` features) is the deepest level
     that still holds the true class of at least a ``1 - alpha`` fraction of the calibration
     images; ``L = 0`` when even ``acc[0]`` fails. When no level fails (``acc[k - 1]``, about the
-    top-1 accuracy, is at least ``1 - alpha``) ``L = 0`` as in the authors' code (an ``argmin``
-    over all-true flags): at ``L = k`` every class would score 0, and the sets would hold every
-    class; at ``L = 0`` the score ranks all classes along the whole predicted path instead.
+    top-1 accuracy, is at least ``1 - alpha``) ``L = k - 1``, as in the latest version of the
+    authors' score (an earlier one returned ``k``; at ``L = k`` every class would score 0 and the
+    sets would hold every class): the score then ranks the prediction's level-``k - 1``
+    neighbours by their last feature.
     A tolerance of ``1e-9`` (in counts) keeps e.g. 90 of 100 images at ``1 - 0.1``.
 
     Args:
@@ -520,7 +522,7 @@ def hierarchical_level(true_depths: ArrayLike, k: int, alpha: float) -> int:
     d = _true_depths(true_depths, k)
     counts = np.array([np.count_nonzero(d >= j + 1) for j in range(k)])
     failing = np.flatnonzero(counts < (1.0 - alpha) * d.size - _RANK_TOLERANCE)
-    return int(failing[0]) if failing.size else 0
+    return int(failing[0]) if failing.size else k - 1
 
 
 def _level_scores(
@@ -1021,3 +1023,48 @@ def conformal_metrics(
         "alphas": [float(alpha) for alpha in alphas],
         "results": results,
     }
+
+
+_SCORE_LABELS = {"hierarchical": "hierarchical", "aps": "APS", "thr": "THR"}
+
+
+def format_conformal_table(conformal: dict[str, Any]) -> str:
+    """A plain-text table of :func:`conformal_metrics`: per alpha, each score's coverage (%),
+    mean set size and Set Coherence (%, "-" without class attributes).
+
+    Example:
+        >>> row = {"score": "thr", "alpha": 0.1, "coverage": 0.9, "mean_set_size": 1.5,
+        ...        "set_coherence": None, "threshold": 0.8, "level": None}
+        >>> print(format_conformal_table({"n_calibration": 10, "alphas": [0.1], "results": [row]}))
+        Calibrated prediction sets (10 held-out training images; test split)
+        alpha  target  THR cover  THR size  THR coher.
+        0.1     90.0%      90.0%      1.50           -
+    """
+    results = conformal["results"]
+    scores = [s for s in SCORES if any(row["score"] == s for row in results)]
+    headers = ["alpha", "target"]
+    for score in scores:
+        label = _SCORE_LABELS[score]
+        headers += [f"{label} cover", f"{label} size", f"{label} coher."]
+    lines = [headers]
+    for alpha in conformal["alphas"]:
+        cells = [f"{alpha:g}", f"{100 * (1 - alpha):.1f}%"]
+        for score in scores:
+            row = next(r for r in results if r["score"] == score and r["alpha"] == alpha)
+            coherence = row["set_coherence"]
+            cells += [
+                f"{100 * row['coverage']:.1f}%",
+                f"{row['mean_set_size']:.2f}",
+                "-" if coherence is None else f"{100 * coherence:.1f}%",
+            ]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    rendered = [
+        "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
+        for line in lines
+    ]
+    title = (
+        f"Calibrated prediction sets ({conformal['n_calibration']} held-out training images; "
+        "test split)"
+    )
+    return "\n".join([title, *rendered])

@@ -6,6 +6,14 @@ classified training image; columns: the features those classes use; each cell th
 heatmap in its report colour) and the contrast with the runner-up or a chosen class. The forward
 pass of an image is cached, so changing k or the compared class recomputes nothing.
 
+For a QPM or CHiQPM model (a binary head) it also draws the image's hierarchical explanation as
+a tree: the predicted class's features, strongest first, and the classes leaving that path at
+each feature. When the run was calibrated (trained with ``data.calibration_fraction`` > 0), a
+target coverage slider (1 - alpha, 0.80 to 0.99) sets the calibrated prediction set, listed and
+boxed in the tree; without a calibration a note says why there is none. A CHiQPM model with a
+calibration draws its heatmaps with certainty-carrying brightness (strength relative to the
+feature's typical strength on the held-out training images), as its report does.
+
 Tab *Global*: every class and its features, filtered by a search box, linked to the report's
 pages when the run has a ``report/``.
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -27,6 +36,7 @@ import numpy as np
 from openqpm.app._loaded import LoadedRun, image_files, load_run
 
 if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
     from PIL import Image
 
     from openqpm.explain.figures import LocalExplanation
@@ -37,6 +47,10 @@ INSTALL_HINT = 'the app needs gradio: pip install "openqpm[app]"'
 RUNNER_UP = "(runner-up)"
 _CELL_PX = 128
 _CACHE_SIZE = 32
+# the coverage slider: target coverage 1 - alpha of the calibrated prediction sets
+COVERAGE_MIN, COVERAGE_MAX, COVERAGE_DEFAULT = 0.80, 0.99, 0.90
+_SCORE_LABELS = {"hierarchical": "CHiQPM (hierarchical)", "aps": "APS", "thr": "THR"}
+_MAX_LISTED = 40  # class names listed per prediction set
 
 
 class GradioMissingError(ImportError):
@@ -182,6 +196,57 @@ class AppState:
             ]
         )
 
+    # ------------------------------------------------------------------ hierarchy and sets
+
+    def calibrated_sets(self, local: LocalExplanation, coverage: float) -> dict[str, Any]:
+        """``{score: PredictionSet}`` at target coverage ``coverage`` (alpha = 1 - coverage);
+        empty without a calibration.
+
+        Raises:
+            ValueError: ``coverage`` is not in (0, 1).
+        """
+        return self.loaded.prediction_sets(local, coverage_to_alpha(coverage))
+
+    def hierarchy_view(
+        self, local: LocalExplanation, coverage: float | None
+    ) -> tuple[np.ndarray | None, str]:
+        """(the tree as an RGB picture, or None for a head that is not binary; markdown with the
+        path and the calibrated sets at ``coverage``, or the note why there are none)."""
+        from openqpm.api import _path_text
+
+        loaded = self.loaded
+        hierarchy = loaded.hierarchy(local)
+        if hierarchy is None:
+            return None, (
+                f"The {loaded.method} model's head is not binary (QPM, CHiQPM): no hierarchical "
+                "explanation and no calibrated prediction sets."
+            )
+        lines = [_path_text(hierarchy, loaded.class_names, loaded.feature_labels)]
+        sets = {} if coverage is None else self.calibrated_sets(local, coverage)
+        chosen = sets.get("hierarchical")
+        if chosen is None:
+            lines += ["", f"*No calibrated prediction sets: {_note(loaded)}*"]
+        else:
+            header = (
+                f"**Calibrated set** at target coverage {coverage:.0%} "
+                f"(alpha = {chosen.alpha:g}, calibrated at tree level {chosen.level}): "
+                f"{_listed(chosen.class_names)}"
+            )
+            lines += [
+                "",
+                header,
+                "",
+                "| score | size | classes |",
+                "|---|---:|---|",
+            ]
+            for score, found in sets.items():
+                label = _SCORE_LABELS.get(score, score)
+                lines.append(f"| {label} | {len(found.classes)} | {_listed(found.class_names)} |")
+        tree = loaded.tree_figure(
+            hierarchy, calibrated_set=None if chosen is None else chosen.classes
+        )
+        return _figure_pixels(tree), "\n".join(lines)
+
     def grid(self, picture: np.ndarray, local: LocalExplanation, classes: list[int]) -> np.ndarray:
         """Rows: the image, then each class on its example; columns: the classes' features."""
         from openqpm.explain.heatmaps import heatmap_overlay
@@ -206,6 +271,7 @@ class AppState:
                     c,
                 )
             )
+        strength = self.loaded.certainty_scale  # CHiQPM: brightness = certainty
         cell = _CELL_PX
         header, label_w = 22, 150
         out = np.full(
@@ -217,16 +283,63 @@ class AppState:
                 out[top + 2 : top + cell - 2, label_w + 2 : label_w + cell - 2] = 230
                 continue
             out[top : top + cell, label_w : label_w + cell] = _resize(image, cell)
+            units = None if strength is None else self.loaded.head_units(maps)
             for j, feature in enumerate(columns):
                 left = label_w + (1 + j) * cell
                 if row_class is not None and weights[row_class, feature] == 0:
                     out[top + 2 : top + cell - 2, left + 2 : left + cell - 2] = 240
                     continue
-                tile = heatmap_overlay(
-                    _resize(image, cell), maps[feature], self.loaded.colors[feature]
-                )
+                color = self.loaded.colors[feature]
+                if units is None or strength is None:
+                    tile = heatmap_overlay(_resize(image, cell), maps[feature], color)
+                else:
+                    tile = heatmap_overlay(
+                        _resize(image, cell),
+                        units[feature],
+                        color,
+                        strength_scale=float(strength[feature]),
+                    )
                 out[top : top + cell, left : left + cell] = tile
         return _annotate(out, rows, columns, self, header=header, label_w=label_w, cell=cell)
+
+
+def coverage_to_alpha(coverage: float) -> float:
+    """alpha = 1 - coverage, rounded so that a slider's 0.9 gives 0.1, not 0.09999999999999998.
+
+    Raises:
+        ValueError: ``coverage`` is not in (0, 1).
+    """
+    if not 0.0 < float(coverage) < 1.0:
+        raise ValueError(f"target coverage must be in (0, 1), got {coverage!r}")
+    return round(1.0 - float(coverage), 10)
+
+
+def _note(loaded: LoadedRun) -> str:
+    """Why the run has no calibrated prediction sets, and how to get them."""
+    reason = loaded.calibration_note or "the run has no calibration"
+    return (
+        f"{reason.rstrip('.')}. Train with `--set data.calibration_fraction=0.1` to hold out "
+        "training images to calibrate on."
+    )
+
+
+def _listed(names: list[str]) -> str:
+    if not names:
+        return "(empty)"
+    # markdown: escape HTML and the table's column bar
+    shown = ", ".join(html.escape(name).replace("|", "\\|") for name in names[:_MAX_LISTED])
+    return shown + (f" +{len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def _figure_pixels(figure: Figure) -> np.ndarray:
+    """A matplotlib figure as an (H, W, 3) uint8 picture."""
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    buffer.seek(0)
+    with PILImage.open(buffer) as picture:
+        return np.asarray(picture.convert("RGB"))
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:
@@ -305,28 +418,42 @@ def _class_table_html(state: AppState, query: str) -> str:
     )
 
 
-def build_app(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
+def build_app(
+    run_dir: str | os.PathLike[str], *, device: Any = None, method: str | None = None
+) -> Any:
     """The gradio Blocks of a finished run (launch it with ``.launch()``).
+
+    Args:
+        run_dir: the run directory.
+        device: where to run; default the run's ``config.device``.
+        method: the method whose model to explore, in a run trained with several; default the
+            config's ``sparsify.method``.
 
     Raises:
         GradioMissingError: gradio is not installed.
-        PipelineError: not a run directory, or its model is missing.
+        PipelineError: not a run directory, its model is missing, or a broken calibration file.
     """
     gr = require_gradio()
     from PIL import Image as PILImage
 
-    state = AppState(load_run(run_dir, device=device))
-    names = state.loaded.class_names
+    from openqpm.data._base import _to_rgb
+
+    state = AppState(load_run(run_dir, device=device, method=method))
+    loaded = state.loaded
+    names = loaded.class_names
     n_classes = len(names)
     test_images = state.test_images()
+    has_tree = loaded.has_hierarchy
+    calibrated = has_tree and loaded.calibration is not None
+
+    def analysed(image: Any) -> tuple[np.ndarray, LocalExplanation]:
+        picture = image if isinstance(image, PILImage.Image) else PILImage.open(image)
+        return state.analyse(_to_rgb(picture))
 
     def explain(image: Any, k: float, versus: str | None) -> tuple[Any, str, Any, str]:
         if image is None:
             return {}, "Upload an image or pick a test image.", None, ""
-        picture = image if isinstance(image, PILImage.Image) else PILImage.open(image)
-        from openqpm.data._base import _to_rgb
-
-        display, local = state.analyse(_to_rgb(picture))
+        display, local = analysed(image)
         top = state.top_k(local, int(k))
         logits = local.logits - local.logits.max()
         probabilities = np.exp(logits) / np.exp(logits).sum()
@@ -335,11 +462,20 @@ def build_app(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
         grid = state.grid(display, local, top)
         return label, state.scores_markdown(local, int(k)), grid, state.contrast_text(local, other)
 
+    def hierarchy(image: Any, coverage: float | None = None) -> tuple[Any, str]:
+        """(tree picture, path and sets) of the image at target coverage ``coverage``."""
+        if image is None:
+            return None, ""
+        _, local = analysed(image)  # cached: no second forward pass after explain
+        return state.hierarchy_view(
+            local, None if not calibrated else float(coverage or COVERAGE_DEFAULT)
+        )
+
     def pick(path: str | None) -> Any:
         return None if not path else path
 
     with gr.Blocks(analytics_enabled=False, title=f"openqpm: {Path(run_dir).name}") as app:
-        gr.Markdown(f"## openqpm: `{run_dir}` ({state.loaded.config.sparsify.method})")
+        gr.Markdown(f"## openqpm: `{run_dir}` ({loaded.method})")
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -358,15 +494,57 @@ def build_app(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
                     top_k = gr.Label(label="prediction (softmax over the scores)")
                     scores = gr.Markdown()
                     contrast = gr.Textbox(label="why not the other class", lines=5)
-            grid = gr.Image(label="features of the top-k classes", type="numpy", elem_id="grid")
+            grid_label = "features of the top-k classes"
+            if loaded.certainty_scale is not None:
+                grid_label += " (brightness: strength relative to the feature's typical strength)"
+            grid = gr.Image(label=grid_label, type="numpy", elem_id="grid")
             outputs = [top_k, scores, grid, contrast]
             inputs = [image, k, versus]
             chosen.change(pick, inputs=chosen, outputs=image, api_name=False)
-            button.click(explain, inputs=inputs, outputs=outputs, api_name="explain")
+            clicked = button.click(explain, inputs=inputs, outputs=outputs, api_name="explain")
             image.upload(explain, inputs=inputs, outputs=outputs, api_name=False)
-            image.change(explain, inputs=inputs, outputs=outputs, api_name=False)
+            changed = image.change(explain, inputs=inputs, outputs=outputs, api_name=False)
             k.release(explain, inputs=inputs, outputs=outputs, api_name=False)
             versus.change(explain, inputs=inputs, outputs=outputs, api_name=False)
+            if has_tree:
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        if calibrated:
+                            coverage = gr.Slider(
+                                COVERAGE_MIN,
+                                COVERAGE_MAX,
+                                value=COVERAGE_DEFAULT,
+                                step=0.01,
+                                label="target coverage (1 - alpha) of the calibrated set",
+                                elem_id="coverage",
+                            )
+                        else:
+                            gr.Markdown(
+                                f"*No coverage slider: {_note(loaded)}*", elem_id="no-calibration"
+                            )
+                        sets = gr.Markdown(elem_id="sets")
+                    with gr.Column(scale=2):
+                        tree = gr.Image(
+                            label="hierarchical explanation (boxed: the calibrated set)",
+                            type="numpy",
+                            elem_id="tree",
+                        )
+                tree_inputs = [image, coverage] if calibrated else [image]
+                tree_outputs = [tree, sets]
+                # after explain: its forward pass is cached, and the two never run at once
+                clicked.then(
+                    hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name="hierarchy"
+                )
+                changed.then(hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False)
+                if calibrated:
+                    coverage.release(
+                        hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False
+                    )
+            else:
+                gr.Markdown(
+                    f"*The {loaded.method} model's head is not binary: no hierarchical "
+                    "explanation.*"
+                )
         with gr.Tab("Global"):
             search = gr.Textbox(label="search classes and features", placeholder="e.g. finch")
             table = gr.HTML(_class_table_html(state, ""))
@@ -377,6 +555,7 @@ def build_app(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
                 api_name=False,
             )
     app.openqpm_state = state  # for tests and callers
+    app.openqpm_hierarchy = hierarchy  # the tree handler: (image, target coverage) -> outputs
     return app
 
 
