@@ -176,3 +176,15 @@ def test_compare_lists_the_calibrated_sets_of_both_methods(runs: dict[str, Any])
     conformal = runs["results"]["chiqpm"].metrics["chiqpm"]["conformal"]["results"]
     thr = next(r for r in conformal if r["score"] == "thr" and r["alpha"] == 0.05)
     assert rows[4].split("|")[-3].strip() == f"{100 * thr['coverage']:.1f}"
+
+
+def test_a_solver_that_cannot_force_pairs_is_refused_before_any_work(
+    data_root: Path, tmp_path: Path
+) -> None:
+    from openqpm.config import apply_overrides
+    from openqpm.stages import PipelineError
+
+    config = apply_overrides(_config(data_root, "chiqpm"), {"solver.method": "paper"})
+    with pytest.raises(PipelineError, match=r"solver.method='paper' cannot force.*auto, search"):
+        openqpm.run(config, tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run" / "dense.safetensors").exists()

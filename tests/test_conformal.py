@@ -528,7 +528,7 @@ def test_conformal_metrics_shape() -> None:
         assert [(r["score"], r["alpha"]) for r in results] == [
             (score, alpha) for score in SCORES for alpha in alphas
         ]
-        keys = {"score", "alpha", "coverage", "mean_set_size", "set_coherence"}
+        keys = {"score", "alpha", "coverage", "mean_set_size", "empty_share", "set_coherence"}
         for r in results:
             assert set(r) == keys | {"threshold", "level"}
             assert 0.0 <= r["coverage"] <= 1.0 and 0.0 <= r["mean_set_size"] <= 8.0
@@ -548,6 +548,7 @@ def test_conformal_metrics_shape() -> None:
             coverage,
             size,
         )
+        assert entry["empty_share"] == np.mean([len(s) == 0 for s in sets])
     assert conformal_metrics(calibration, logits, activations, labels)["alphas"] == [
         0.05,
         0.075,

@@ -106,12 +106,12 @@ def _method_result(run_dir: Path, config: RunConfig, state: dict[str, Any]) -> M
     values["one_feature_apart_pairs"] = metrics.get("one_feature_apart_pairs")
     for row in (metrics.get("conformal") or {}).get("results", []):
         for key in _CONFORMAL_VALUES:
-            values[_conformal_key(row["score"], row["alpha"], key)] = row[key]
+            values[_conformal_key(row["score"], row["alpha"], key)] = row.get(key)
     return MethodResult(method, config.seed, run_dir, values, ternary)
 
 
 # what the calibrated sets table shows per score and alpha
-_CONFORMAL_VALUES = ("coverage", "mean_set_size", "set_coherence")
+_CONFORMAL_VALUES = ("coverage", "mean_set_size", "empty_share", "set_coherence")
 
 
 def _conformal_key(score: str, alpha: float, value: str) -> str:

@@ -992,7 +992,9 @@ def conformal_metrics(
     Returns:
         ``{"n_calibration", "alphas", "results"}``, JSON-ready: ``results`` holds one entry per
         score (in :data:`SCORES` order) and alpha with "score", "alpha", "coverage",
-        "mean_set_size", "set_coherence" (None without attributes), "threshold" (None when
+        "mean_set_size", "empty_share" (the share of images whose set is empty: a score can
+        leave out every class, e.g. the hierarchical one when the predicted path is weakly
+        activated), "set_coherence" (None without attributes), "threshold" (None when
         infinite: every set is then all classes) and "level" (None except "hierarchical").
     """
     z, f = calibration._check_inputs(logits, activations)
@@ -1013,6 +1015,7 @@ def conformal_metrics(
                     "alpha": float(alpha),
                     "coverage": coverage,
                     "mean_set_size": size,
+                    "empty_share": float(np.mean([len(s) == 0 for s in sets])),
                     "set_coherence": set_coherence(sets, class_attributes),
                     "threshold": threshold if math.isfinite(threshold) else None,
                     "level": level,

@@ -213,6 +213,13 @@ def check_choices(config: RunConfig) -> None:
             raise PipelineError(f"{name}={value!r} is not valid; choose {', '.join(valid)}")
     if config.model.weights and not Path(config.model.weights).is_file():
         raise PipelineError(f"model.weights: file {config.model.weights} does not exist")
+    from openqpm.solver import forced_pair_methods
+
+    if config.sparsify.method == "chiqpm" and config.solver.method not in forced_pair_methods():
+        raise PipelineError(
+            f"solver.method={config.solver.method!r} cannot force CHiQPM's class pairs; "
+            f"choose {', '.join(forced_pair_methods())}"
+        )
 
 
 def _check_backbone(config: RunConfig) -> None:

@@ -204,7 +204,8 @@ def hierarchy_figure(
     row_y = _draw_leaves(ax, explanation, rows, class_names, calibrated)
     title = "Hierarchical explanation"
     if calibrated:
-        title += f" (boxed: calibrated set, {len(calibrated)} classes)"
+        noun = "class" if len(calibrated) == 1 else "classes"
+        title += f" (boxed: calibrated set, {len(calibrated)} {noun})"
     ax.set_title(title, fontsize=10)
     ax.set_xlim(-0.5, _leaf_x(explanation) + 2.6)
     ax.set_ylim(min(row_y, default=-1.0) - 0.45, 0.9)

@@ -48,6 +48,7 @@ __all__ = [
     "ProgressCallback",
     "SolveInterrupted",
     "SolverProgress",
+    "forced_pair_methods",
     "solve",
     "solver_methods",
     "validate_assignment",
@@ -73,6 +74,11 @@ AUTO_SEARCH_SHARE = 0.25
 # minutes, while a long run's time still lowers the MILP's bound (benchmarks/solver.py prints
 # both trajectories).
 AUTO_SEARCH_MAX_S = 120.0
+
+
+def forced_pair_methods() -> list[str]:
+    """The methods that honour ``AssignmentProblem.forced_pairs`` (CHiQPM's near-equal pairs)."""
+    return list(_FORCED_PAIR_METHODS)
 
 
 def solver_methods() -> list[str]:
