@@ -418,6 +418,42 @@ def _class_table_html(state: AppState, query: str) -> str:
     )
 
 
+def _tree_panel(
+    gr: Any, loaded: LoadedRun, hierarchy: Any, image: Any, events: tuple[Any, Any]
+) -> None:
+    """The tree of the current image and, with a calibration, the target-coverage slider; the
+    tree follows ``events`` (the explain click and image change), whose forward pass it reuses."""
+    calibrated = loaded.calibration is not None
+    with gr.Row():
+        with gr.Column(scale=1):
+            if calibrated:
+                coverage = gr.Slider(
+                    COVERAGE_MIN,
+                    COVERAGE_MAX,
+                    value=COVERAGE_DEFAULT,
+                    step=0.01,
+                    label="target coverage (1 - alpha) of the calibrated set",
+                    elem_id="coverage",
+                )
+            else:
+                gr.Markdown(f"*No coverage slider: {_note(loaded)}*", elem_id="no-calibration")
+            sets = gr.Markdown(elem_id="sets")
+        with gr.Column(scale=2):
+            tree = gr.Image(
+                label="hierarchical explanation (boxed: the calibrated set)",
+                type="numpy",
+                elem_id="tree",
+            )
+    tree_inputs = [image, coverage] if calibrated else [image]
+    tree_outputs = [tree, sets]
+    clicked, changed = events
+    # after explain: its forward pass is cached, and the two never run at once
+    clicked.then(hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name="hierarchy")
+    changed.then(hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False)
+    if calibrated:
+        coverage.release(hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False)
+
+
 def build_app(
     run_dir: str | os.PathLike[str], *, device: Any = None, method: str | None = None
 ) -> Any:
@@ -507,39 +543,7 @@ def build_app(
             k.release(explain, inputs=inputs, outputs=outputs, api_name=False)
             versus.change(explain, inputs=inputs, outputs=outputs, api_name=False)
             if has_tree:
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        if calibrated:
-                            coverage = gr.Slider(
-                                COVERAGE_MIN,
-                                COVERAGE_MAX,
-                                value=COVERAGE_DEFAULT,
-                                step=0.01,
-                                label="target coverage (1 - alpha) of the calibrated set",
-                                elem_id="coverage",
-                            )
-                        else:
-                            gr.Markdown(
-                                f"*No coverage slider: {_note(loaded)}*", elem_id="no-calibration"
-                            )
-                        sets = gr.Markdown(elem_id="sets")
-                    with gr.Column(scale=2):
-                        tree = gr.Image(
-                            label="hierarchical explanation (boxed: the calibrated set)",
-                            type="numpy",
-                            elem_id="tree",
-                        )
-                tree_inputs = [image, coverage] if calibrated else [image]
-                tree_outputs = [tree, sets]
-                # after explain: its forward pass is cached, and the two never run at once
-                clicked.then(
-                    hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name="hierarchy"
-                )
-                changed.then(hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False)
-                if calibrated:
-                    coverage.release(
-                        hierarchy, inputs=tree_inputs, outputs=tree_outputs, api_name=False
-                    )
+                _tree_panel(gr, loaded, hierarchy, image, (clicked, changed))
             else:
                 gr.Markdown(
                     f"*The {loaded.method} model's head is not binary: no hierarchical "
