@@ -345,9 +345,11 @@ def test_hierarchical_scores_hand_built() -> None:
         # alpha = 0.5: acc[0] >= 0.5, acc[1] < 0.5 -> L = 1. True scores at L = 1: -1, -2, 0;
         # rank ceil(4 * 0.5) = 2 -> q = -1. A: {0 (-1), 1 (-3)}; B: {0 (-1), 2 (-2)}; C: {3}.
         (0.5, 1, -1.0, [[0, 1], [0, 2], [3]]),
-        # alpha = 0.4: L = 1 again; rank ceil(4 * 0.6) = 3 -> q = 0: the classes outside the
-        # level score 0 too, so every set is every class.
-        (0.4, 1, 0.0, [[0, 1, 2, 3]] * 3),
+        # alpha = 0.4: rank ceil(4 * 0.6) = 3 > 2 images at level 1 -> L = 0 (the authors' rule
+        # keeps L = 1 there, where q = 0 puts every class in every set: see the test below).
+        # True scores at L = 0: -6, -6, -1 -> q = -1. A: {0 (-6), 1 (-8), 2 (-3)};
+        # B: {0 (-5), 1 (-2), 2 (-6)}; C: {1 (-1), 2 (-1), 3 (-8)}.
+        (0.4, 0, -1.0, [[0, 1, 2], [0, 1, 2], [1, 2, 3]]),
         # alpha = 0.7: acc[0] and acc[1] >= 0.3, no level fails -> L = k - 1 = 1 (the authors'
         # latest version). True scores at L = 1: -1, -2, 0; rank ceil(4 * 0.3) = 2 -> q = -1.
         # A: {0 (-1), 1 (-3)}; B: {0 (-1), 2 (-2)}; C: {3 (-2)}.
@@ -368,14 +370,36 @@ def test_hierarchical_calibration_hand_built(
     assert [s.tolist() for s in got] == sets
 
 
+def test_authors_level_rule_can_put_every_class_in_every_set() -> None:
+    # alpha = 0.4 on the three hand-built images: acc[0] = 2/3 >= 0.6 keeps L = 1, where the
+    # conformal rank 3 lands on C's true class outside the level (score 0): q = 0, all classes.
+    assert calibrate_hierarchical(Z_THREE, F_THREE, Y_THREE, W_HAND, 0.4, rule="authors") == (
+        0.0,
+        1,
+    )
+    calibration = Calibration.fit(Z_THREE, F_THREE, Y_THREE, W_HAND, level_rule="authors")
+    got = calibration.prediction_sets("hierarchical", Z_THREE, F_THREE, 0.4)
+    assert [s.tolist() for s in got] == [[0, 1, 2, 3]] * 3
+    restored = Calibration.from_json_dict(json.loads(json.dumps(calibration.to_json_dict())))
+    assert restored.level_rule == "authors"
+
+
 def test_hierarchical_level_from_accuracies() -> None:
     # 20 images: 19 share the first feature, 18 the first two, 17 all three (k = 3).
     depths = np.array([0] + [1] + [2] + [3] * 17)
     assert level_accuracies(depths, 3).tolist() == pytest.approx([0.95, 0.90, 0.85])
-    assert hierarchical_level(depths, 3, 0.1) == 2  # 0.95, 0.90 pass (tolerance), 0.85 fails
-    assert hierarchical_level(depths, 3, 0.08) == 1
-    assert hierarchical_level(depths, 3, 0.01) == 0  # even the first level fails
-    assert hierarchical_level(depths, 3, 0.2) == 2  # no level fails: k - 1
+    # the authors' rule: acc[j] >= 1 - alpha
+    authors = {"rule": "authors"}
+    assert hierarchical_level(depths, 3, 0.1, **authors) == 2  # 0.95, 0.90 pass, 0.85 fails
+    assert hierarchical_level(depths, 3, 0.08, **authors) == 1
+    assert hierarchical_level(depths, 3, 0.01, **authors) == 0  # even the first level fails
+    assert hierarchical_level(depths, 3, 0.2, **authors) == 2  # no level fails: k - 1
+    # the default: at least ceil(21 (1 - alpha)) of the 20 images, calibrate's rank
+    assert hierarchical_level(depths, 3, 0.1) == 1  # needs 19: 19 pass, 18 fails
+    assert hierarchical_level(depths, 3, 0.08) == 0  # needs 20
+    assert hierarchical_level(depths, 3, 0.2) == 2  # needs 17: no level fails
+    with pytest.raises(ValueError, match="rule"):
+        hierarchical_level(depths, 3, 0.1, rule="other")
     with pytest.raises(ValueError, match="lie in"):
         hierarchical_level([4], 3, 0.1)
 

@@ -52,6 +52,7 @@ from openqpm._io import atomic_write_text
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "LEVEL_RULES",
     "SCORES",
     "Calibration",
     "aps_scores",
@@ -84,6 +85,8 @@ DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.075, 0.10, 0.12)
 """The miscoverage levels :func:`conformal_metrics` evaluates by default."""
 
 _SUM_TOLERANCE = 1e-4
+# how the hierarchical score's level is chosen (see hierarchical_level)
+LEVEL_RULES = ("conformal", "authors")
 _RANK_TOLERANCE = 1e-9  # as in calibrate: keeps e.g. 0.9 * 100 at 90, not 90.00000000000001
 _JSON_FORMAT = "openqpm.conformal.Calibration"
 _JSON_VERSION = 1
@@ -496,18 +499,27 @@ def level_accuracies(true_depths: ArrayLike, k: int) -> NDArray[np.float64]:
     return np.array([np.mean(d >= j + 1) for j in range(k)], dtype=np.float64)
 
 
-def hierarchical_level(true_depths: ArrayLike, k: int, alpha: float) -> int:
-    """CHiQPM's level ``L``: the number of leading levels holding a ``1 - alpha`` fraction.
+def hierarchical_level(
+    true_depths: ArrayLike, k: int, alpha: float, *, rule: str = "conformal"
+) -> int:
+    """CHiQPM's level ``L``: the number of leading levels that hold enough true classes.
 
-    ``L`` is the first ``j`` with ``acc[j] < 1 - alpha`` (see :func:`level_accuracies`), so
-    level ``L`` (the classes sharing the prediction's first ``L`` features) is the deepest level
-    that still holds the true class of at least a ``1 - alpha`` fraction of the calibration
-    images; ``L = 0`` when even ``acc[0]`` fails. When no level fails (``acc[k - 1]``, about the
-    top-1 accuracy, is at least ``1 - alpha``) ``L = k - 1``, as in the latest version of the
-    authors' score (an earlier one returned ``k``; at ``L = k`` every class would score 0 and the
-    sets would hold every class): the score then ranks the prediction's level-``k - 1``
-    neighbours by their last feature.
-    A tolerance of ``1e-9`` (in counts) keeps e.g. 90 of 100 images at ``1 - 0.1``.
+    ``L`` is the first ``j`` at which fewer than ``m`` calibration images have their true class
+    among the classes sharing the prediction's first ``j + 1`` features, so level ``L`` (the
+    classes sharing the first ``L``) is the deepest level that still holds ``m`` of them; ``L = 0``
+    when even the first level fails. ``m`` depends on ``rule``:
+
+    * ``"conformal"`` (default): ``m = ceil((n + 1)(1 - alpha))``, the rank :func:`calibrate`
+      takes. The calibrated threshold is then an in-level score, so the sets stay inside the
+      level. With the authors' rule the level can hold fewer true classes than that rank; the
+      threshold then lands on the 0 that every class outside the level scores, and every set
+      is every class (on the demo data this happened for one seed in three at alpha 0.075).
+    * ``"authors"``: ``m = (1 - alpha) n``, the calibration accuracy of the authors' code.
+
+    When no level fails ``L = k - 1``, as in the latest version of the authors' score (an
+    earlier one returned ``k``; at ``L = k`` every class would score 0 and every set would hold
+    every class): the score then ranks the prediction's level-``k - 1`` neighbours by their last
+    feature. A tolerance of ``1e-9`` (in counts) keeps e.g. 90 of 100 images at ``1 - 0.1``.
 
     Args:
         true_depths: ``(N,)`` depth of each calibration image's true class.
@@ -521,7 +533,14 @@ def hierarchical_level(true_depths: ArrayLike, k: int, alpha: float) -> int:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     d = _true_depths(true_depths, k)
     counts = np.array([np.count_nonzero(d >= j + 1) for j in range(k)])
-    failing = np.flatnonzero(counts < (1.0 - alpha) * d.size - _RANK_TOLERANCE)
+    needed: float
+    if rule == "conformal":
+        needed = math.ceil((d.size + 1) * (1.0 - alpha) - _RANK_TOLERANCE)
+    elif rule == "authors":
+        needed = (1.0 - alpha) * d.size - _RANK_TOLERANCE
+    else:
+        raise ValueError(f"rule must be 'conformal' or 'authors', got {rule!r}")
+    failing = np.flatnonzero(counts < needed)
     return int(failing[0]) if failing.size else k - 1
 
 
@@ -632,7 +651,13 @@ def hierarchical_sets(
 
 
 def calibrate_hierarchical(
-    logits: ArrayLike, activations: ArrayLike, labels: ArrayLike, weights: ArrayLike, alpha: float
+    logits: ArrayLike,
+    activations: ArrayLike,
+    labels: ArrayLike,
+    weights: ArrayLike,
+    alpha: float,
+    *,
+    rule: str = "conformal",
 ) -> tuple[float, int]:
     """CHiQPM calibration: the level :func:`hierarchical_level`, then the threshold at it.
 
@@ -654,7 +679,7 @@ def calibrate_hierarchical(
     depth, values = _hierarchy_inputs(logits, activations, weights)
     y = _labels(labels, depth.shape[0], depth.shape[1])
     rows = np.arange(depth.shape[0])
-    level = hierarchical_level(depth[rows, y], values.shape[2], alpha)
+    level = hierarchical_level(depth[rows, y], values.shape[2], alpha, rule=rule)
     return calibrate(_level_scores(depth[rows, y], values[rows, y], level), alpha), level
 
 
@@ -689,6 +714,8 @@ class Calibration:
         true_depths: ``(N,)`` depth of each true class in its image's hierarchy.
         level_true_scores: ``(N, k + 1)`` CHiQPM true-class scores; column ``L`` at level ``L``.
         aps_seed: ``None`` for deterministic APS, else the seed of the calibration ``u``.
+        level_rule: how :func:`hierarchical_level` picks the level (``"conformal"`` or the
+            authors' ``"authors"``).
     """
 
     weights: NDArray[np.int64]
@@ -697,8 +724,11 @@ class Calibration:
     true_depths: NDArray[np.int64]
     level_true_scores: NDArray[np.float64]
     aps_seed: int | None = None
+    level_rule: str = "conformal"
 
     def __post_init__(self) -> None:
+        if self.level_rule not in LEVEL_RULES:
+            raise ValueError(f"level_rule must be one of {LEVEL_RULES}, got {self.level_rule!r}")
         k = _class_features(self.weights).shape[1]
         w = np.asarray(self.weights).astype(np.int64)
         thr = np.asarray(self.thr_true_scores, dtype=np.float64)
@@ -737,6 +767,7 @@ class Calibration:
         weights: ArrayLike,
         *,
         aps_seed: int | None = None,
+        level_rule: str = "conformal",
     ) -> Calibration:
         """Calibrate on ``N`` calibration images (never test images).
 
@@ -747,6 +778,7 @@ class Calibration:
             weights: ``(n_classes, K)`` binary class-feature matrix, ``k`` ones per row.
             aps_seed: ``None`` (the default, as in :func:`aps_scores`) for deterministic APS
                 scores, else the seed of their per-image ``u``.
+            level_rule: ``"conformal"`` or ``"authors"`` (see :func:`hierarchical_level`).
 
         Returns:
             The calibration.
@@ -767,6 +799,7 @@ class Calibration:
             true_depths=true_depth,
             level_true_scores=levels,
             aps_seed=aps_seed,
+            level_rule=level_rule,
         )
 
     @property
@@ -805,7 +838,7 @@ class Calibration:
             return calibrate(self.thr_true_scores, alpha), None
         if score_name == "aps":
             return calibrate(self.aps_true_scores, alpha), None
-        level = hierarchical_level(self.true_depths, self.k, alpha)
+        level = hierarchical_level(self.true_depths, self.k, alpha, rule=self.level_rule)
         return calibrate(self.level_true_scores[:, level], alpha), level
 
     def _test_aps_seed(self, aps_seed: int | None) -> int | None:
@@ -882,6 +915,7 @@ class Calibration:
             "n_calibration": self.n_calibration,
             "k": self.k,
             "aps_seed": self.aps_seed,
+            "level_rule": self.level_rule,
             "weights": self.weights.tolist(),
             "thr_true_scores": self.thr_true_scores.tolist(),
             "aps_true_scores": self.aps_true_scores.tolist(),
@@ -910,6 +944,7 @@ class Calibration:
                 true_depths=np.asarray(document["true_depths"], dtype=np.int64),
                 level_true_scores=np.asarray(level_scores, dtype=np.float64).reshape(n, -1),
                 aps_seed=document["aps_seed"],
+                level_rule=document.get("level_rule", "conformal"),
             )
         except (KeyError, TypeError) as failure:
             raise ValueError(f"incomplete {_JSON_FORMAT} document: {failure}") from None
