@@ -460,9 +460,15 @@ def test_calibration_matches_module_functions() -> None:
         every = hierarchical_scores(logits, activations, weights, level)
         true = every[np.arange(300), labels]
         assert np.array_equal(calibration.level_true_scores[:, level], true)
-        # membership in a set <=> the true score is at most the threshold
-        sets = hierarchical_sets(logits, activations, weights, level, float(np.median(true)))
-        assert [labels[i] in s for i, s in enumerate(sets)] == list(true <= np.median(true))
+        # membership in a set <=> the true score is at most the threshold; by default a class
+        # outside the level is never in (its score ranks last), with the authors' rule it is
+        # in whenever its 0 is at most the threshold
+        median = float(np.median(true))
+        inside = calibration.true_depths >= level
+        sets = hierarchical_sets(logits, activations, weights, level, median)
+        assert [labels[i] in s for i, s in enumerate(sets)] == list((true <= median) & inside)
+        sets = hierarchical_sets(logits, activations, weights, level, median, rule="authors")
+        assert [labels[i] in s for i, s in enumerate(sets)] == list(true <= median)
 
 
 def test_calibration_json_round_trip(tmp_path: Path) -> None:
@@ -686,3 +692,30 @@ def test_format_conformal_table_lists_every_alpha_and_score() -> None:
     assert lines[1].split()[:4] == ["alpha", "target", "hierarchical", "cover"]
     assert lines[2].split()[:5] == ["0.05", "95.0%", "97.5%", "2.05", "50.0%"]
     assert lines[3].split()[-3:] == ["95.0%", "2.10", "-"]
+
+
+def test_classes_outside_the_level_rank_after_inside_ones_with_zero_activations() -> None:
+    # 10 calibration images (k = 2): 9 true classes inside level 1, of which 5 also at level 2;
+    # at level 1 seven inside scores are negative and two are exactly 0 (activations 0 after a
+    # ReLU), the outside one is 0 as well. alpha = 0.2: both rules pick L = 1 (9 >= rank 9,
+    # 5 < 9; the authors' 9 >= 8, 5 < 8).
+    depths = np.array([2, 2, 2, 2, 2, 1, 1, 1, 1, 0])
+    level_one = np.array([-0.9, -0.8, -0.7, -0.6, -0.5, -0.4, -0.3, 0.0, 0.0, 0.0])
+    levels = np.zeros((10, 3))
+    levels[:, 1] = level_one
+    common = {
+        "weights": W_HAND,
+        "thr_true_scores": np.full(10, 0.5),
+        "aps_true_scores": np.full(10, 0.5),
+        "true_depths": depths,
+        "level_true_scores": levels,
+    }
+    default = Calibration(**common)
+    authors = Calibration(**common, level_rule="authors")
+    # the 9th smallest: 0 among the inside scores; the outside one ranks last (inf) or ties (0)
+    assert default.threshold("hierarchical", 0.2) == (0.0, 1)
+    assert authors.threshold("hierarchical", 0.2) == (0.0, 1)
+    # image A of the hand-built three: level-1 scores [-1, -3, outside, outside]
+    z, f = Z_THREE[:1], F_THREE[:1]
+    assert default.prediction_sets("hierarchical", z, f, 0.2)[0].tolist() == [0, 1]
+    assert authors.prediction_sets("hierarchical", z, f, 0.2)[0].tolist() == [0, 1, 2, 3]

@@ -566,6 +566,21 @@ def _level_scores(
     return np.asarray(score + 0.0, dtype=np.float64)  # + 0.0 turns -0.0 into 0.0
 
 
+def _ranked_scores(
+    scores: NDArray[np.float64], depth: NDArray[np.int64], level: int, rule: str
+) -> NDArray[np.float64]:
+    """The scores calibration and sets compare: with the default rule a class outside the level
+    ranks after every class inside it (``inf``), with the authors' rule it keeps its 0.
+
+    The authors' 0 ties with an inside class whose activations along the path are 0 (common
+    after a ReLU), so a threshold of 0 (which their level rule allows) let every class in; with
+    ``inf`` the sets stay inside the level unless the threshold itself is infinite.
+    """
+    if rule == "authors" or level == 0:
+        return scores
+    return np.where(depth >= level, scores, np.inf)
+
+
 def _hierarchy_inputs(
     logits: ArrayLike, activations: ArrayLike, weights: ArrayLike
 ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
@@ -633,21 +648,27 @@ def hierarchical_sets(
     weights: ArrayLike,
     level: int,
     threshold: float,
+    *,
+    rule: str = "conformal",
 ) -> list[NDArray[np.int64]]:
-    """CHiQPM sets: the classes whose :func:`hierarchical_scores` at ``level`` is ``<= threshold``.
+    """CHiQPM sets: the classes whose :func:`hierarchical_scores` at ``level`` is ``<= threshold``
+    (with the default ``rule``, classes outside the level only when the threshold is infinite).
 
     Args:
         logits: ``(N, n_classes)`` logits.
         activations: ``(N, K)`` feature activations.
         weights: ``(n_classes, K)`` binary class-feature matrix, ``k`` ones per row.
         level: The level the threshold was calibrated at.
-        threshold: :func:`calibrate` on the calibration images' true-class scores at ``level``.
+        threshold: From :func:`calibrate_hierarchical` (or :meth:`Calibration.threshold`).
+        rule: The level rule the threshold was calibrated with (see :func:`hierarchical_level`).
 
     Returns:
         One ascending array of class indices per image (empty when the threshold is below
         every score).
     """
-    return _mask_to_sets(hierarchical_scores(logits, activations, weights, level) <= threshold)
+    depth, values = _hierarchy_inputs(logits, activations, weights)
+    scores = _ranked_scores(_level_scores(depth, values, level), depth, level, rule)
+    return _mask_to_sets(scores <= threshold)
 
 
 def calibrate_hierarchical(
@@ -680,7 +701,8 @@ def calibrate_hierarchical(
     y = _labels(labels, depth.shape[0], depth.shape[1])
     rows = np.arange(depth.shape[0])
     level = hierarchical_level(depth[rows, y], values.shape[2], alpha, rule=rule)
-    return calibrate(_level_scores(depth[rows, y], values[rows, y], level), alpha), level
+    scores = _level_scores(depth[rows, y], values[rows, y], level)
+    return calibrate(_ranked_scores(scores, depth[rows, y], level, rule), alpha), level
 
 
 # --- a calibration kept for any alpha ----------------------------------------------------------
@@ -839,7 +861,10 @@ class Calibration:
         if score_name == "aps":
             return calibrate(self.aps_true_scores, alpha), None
         level = hierarchical_level(self.true_depths, self.k, alpha, rule=self.level_rule)
-        return calibrate(self.level_true_scores[:, level], alpha), level
+        scores = _ranked_scores(
+            self.level_true_scores[:, level], self.true_depths, level, self.level_rule
+        )
+        return calibrate(scores, alpha), level
 
     def _test_aps_seed(self, aps_seed: int | None) -> int | None:
         if self.aps_seed is None:
@@ -905,7 +930,8 @@ class Calibration:
             return aps_sets(probabilities, threshold, seed=self._test_aps_seed(aps_seed))
         if paths is None or level is None:
             raise ValueError("the hierarchical score needs the activations")
-        return _mask_to_sets(_level_scores(paths[0], paths[1], level) <= threshold)
+        scores = _level_scores(paths[0], paths[1], level)
+        return _mask_to_sets(_ranked_scores(scores, paths[0], level, self.level_rule) <= threshold)
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists, ints, floats); :meth:`from_json_dict` restores it exactly."""
