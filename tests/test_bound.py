@@ -1,0 +1,117 @@
+"""The cut relaxation's bound (openqpm.solver.bound): valid against brute force, at any duals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from _brute_force import brute_force_optimum
+from openqpm.solver.bound import CutRelaxation, cut_relaxation_bound
+from openqpm.solver.problem import AssignmentProblem
+
+
+def _random_problem(
+    seed: int, *, n_all: int = 8, n_classes: int = 4, n_features: int = 4, n_per_class: int = 2
+) -> AssignmentProblem:
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n_classes, n_all))
+    density = rng.uniform(0.2, 0.9)
+    R = np.triu(rng.random((n_all, n_all)) * (rng.random((n_all, n_all)) < density), 1)
+    R = (R + R.T) * rng.uniform(20.0, 150.0)
+    b = rng.normal(size=n_all) * 20.0
+    return AssignmentProblem(A, R, b, n_features, n_per_class)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bound_is_never_below_the_brute_force_optimum(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    n_all = int(rng.integers(5, 10))
+    n_features = int(rng.integers(2, min(n_all, 6) + 1))
+    n_per_class = int(rng.integers(1, n_features))
+    problem = _random_problem(
+        seed,
+        n_all=n_all,
+        n_classes=min(int(rng.integers(1, 6)), math.comb(n_features, n_per_class)),
+        n_features=n_features,
+        n_per_class=n_per_class,
+    )
+    # distinctness is relaxed: the bound must hold even for the problem without it
+    relaxed_optimum = brute_force_optimum(problem, distinct=False)
+    result = cut_relaxation_bound(problem, time_limit_s=10, max_cuts_per_round=3)
+    assert result.rounds >= 1
+    assert result.bound >= relaxed_optimum - 1e-7 * max(1.0, abs(relaxed_optimum))
+    # and it is never looser than the trivial bound: every class its k best, no penalty
+    trivial = (
+        problem.class_scale * np.sort(problem.A, axis=1)[:, -n_per_class:].sum()
+        + np.sort(problem.b)[-n_features:].sum()
+    )
+    assert result.bound <= trivial + 1e-6 * max(1.0, abs(trivial))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bound_holds_at_random_duals(seed: int) -> None:
+    problem = _random_problem(50 + seed)
+    optimum = brute_force_optimum(problem)
+    model = CutRelaxation(problem)
+    solved = model.solve(10.0)
+    assert solved is not None
+    columns, _, duals = solved
+    s = columns[model.s_column]
+    model.add_pairs(model.violated_pairs(s))
+    model.separate_classes(s, columns[model.v_column])
+    solved = model.solve(10.0)
+    assert solved is not None
+    _, _, duals = solved
+    assert model.bound(duals) >= optimum - 1e-7
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        noisy = duals + rng.normal(scale=30.0, size=duals.size)
+        assert model.bound(noisy) >= optimum - 1e-7
+
+
+def test_bound_is_exact_without_penalties_when_all_features_are_selected() -> None:
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(5, 6))
+    problem = AssignmentProblem(A, np.zeros((6, 6)), rng.normal(size=6), 6, 3)
+    result = cut_relaxation_bound(problem, time_limit_s=10)
+    expected = problem.class_scale * np.sort(A, axis=1)[:, -3:].sum() + problem.b.sum()
+    assert result.bound == pytest.approx(expected, rel=1e-9)
+
+
+def test_dropping_slack_cuts_keeps_the_bound_valid() -> None:
+    problem = _random_problem(7, n_all=9, n_classes=5, n_features=5, n_per_class=2)
+    optimum = brute_force_optimum(problem, distinct=False)
+    kept = cut_relaxation_bound(problem, time_limit_s=10, drop_slack_after=None)
+    dropped = cut_relaxation_bound(problem, time_limit_s=10, drop_slack_after=1)
+    assert kept.bound >= optimum - 1e-7
+    assert dropped.bound >= optimum - 1e-7
+
+
+@pytest.mark.parametrize("seed", [20, 21])
+def test_priced_milp_uses_the_cut_bound_and_stays_valid(seed: int) -> None:
+    from openqpm.solver import solve
+    from openqpm.solver.exact import MilpOptions, solve_milp
+    from openqpm.solver.problem import validate_assignment
+
+    problem = _random_problem(seed, n_all=9, n_classes=5, n_features=4, n_per_class=2)
+    optimum = brute_force_optimum(problem)
+    # features priced in and short class lists even on a tiny problem: the cut bound runs first
+    priced = MilpOptions(
+        search_share=1e-3,
+        max_search_s=0.05,
+        full_model_max_columns=0,
+        initial_features_per_selected=1.0,
+        initial_depth_per_class=0.3,
+    )
+    result = solve_milp(problem, time_limit_s=20, options=priced)
+    validate_assignment(problem, result)
+    assert any("cut bound round" in line for line in result.log)
+    assert result.bound is not None and result.bound >= optimum - 1e-7
+    assert result.objective <= optimum + 1e-7
+    # the branch and bound after it still proves small problems
+    assert result.objective == pytest.approx(optimum, rel=1e-9)
+    # "auto" on the same problem: search, then the MILP (full model here), still valid
+    auto = solve(problem, method="auto", time_limit_s=10, max_iterations=5)
+    assert auto.bound is not None and auto.bound >= optimum - 1e-7
