@@ -7,6 +7,7 @@ from typing import Any
 
 import openqpm
 from openqpm.config import RunConfig, load_config
+from openqpm.stages import Reporter
 
 # the demo configuration cut down to seconds: every stage runs, nothing is learnt well
 TINY_OVERRIDES: dict[str, Any] = {
@@ -44,3 +45,13 @@ def tiny_run_dir(base: Path) -> Path:
     """A finished tiny run (every stage) in ``base / "run"``, its data in ``base / "synthetic"``."""
     openqpm.run(tiny_config(tiny_data(base / "synthetic")), base / "run", device="cpu")
     return base / "run"
+
+
+class StartedStages(Reporter):
+    """Records the stages that ran (not the skipped ones), in order."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def stage_started(self, stage: str, description: str) -> None:
+        self.started.append(stage)

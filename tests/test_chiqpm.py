@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests._tiny import tiny_config
+from tests._tiny import StartedStages, tiny_config
 
 import openqpm
 from openqpm._runs import _held_out
@@ -16,7 +16,6 @@ from openqpm.config import ConfigError
 from openqpm.conformal import SCORES, Calibration
 from openqpm.constants import closest_class_pairs
 from openqpm.solver.problem import Assignment
-from openqpm.stages import Reporter
 
 N_CLASSES, N_PER_CLASS = 6, 2
 
@@ -43,20 +42,12 @@ def _config(root: Path, method: str, fraction: float = 0.25) -> Any:
     )
 
 
-class _Started(Reporter):
-    def __init__(self) -> None:
-        self.started: list[str] = []
-
-    def stage_started(self, stage: str, description: str) -> None:
-        self.started.append(stage)
-
-
 @pytest.fixture(scope="module")
 def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_dir = tmp_path_factory.mktemp("run")
     results, started = {}, {}
     for method in ("qpm", "chiqpm"):
-        reporter = _Started()
+        reporter = StartedStages()
         results[method] = openqpm.run(
             _config(data_root, method), run_dir, device="cpu", reporter=reporter
         )

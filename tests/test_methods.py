@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests._tiny import tiny_config
+from tests._tiny import StartedStages, tiny_config
 
 import openqpm
 from openqpm.cli import main
 from openqpm.config import RunConfig, apply_overrides, load_config
-from openqpm.stages import METHODS, Reporter, stage_hash
+from openqpm.stages import METHODS, stage_hash
 
 N_FEATURES, N_PER_CLASS, N_CLASSES = 6, 2, 4
 
@@ -42,20 +42,12 @@ def _config(root: Path, method: str) -> RunConfig:
     )
 
 
-class _Started(Reporter):
-    def __init__(self) -> None:
-        self.started: list[str] = []
-
-    def stage_started(self, stage: str, description: str) -> None:
-        self.started.append(stage)
-
-
 @pytest.fixture(scope="module")
 def four_methods(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_dir = tmp_path_factory.mktemp("run")
     results, started = {}, {}
     for method in METHODS:
-        reporter = _Started()
+        reporter = StartedStages()
         results[method] = openqpm.run(
             _config(tiny_data, method), run_dir, device="cpu", reporter=reporter
         )

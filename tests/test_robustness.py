@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests._tiny import StartedStages
 
 import openqpm
 from openqpm import pipeline
@@ -56,16 +57,6 @@ def _config(root: Path, **changes: Any) -> RunConfig:
     )
     config = apply_overrides(config, ["device=cpu", "amp=false", "report_max_classes=2"])
     return apply_overrides(config, changes)
-
-
-class _Started(Reporter):
-    """Records the stages that ran (not the skipped ones)."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-
-    def stage_started(self, stage: str, description: str) -> None:
-        self.started.append(stage)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +188,7 @@ def test_a_truncated_or_changed_artifact_is_recomputed(tiny_data: Path, tmp_path
     intact = dense.read_bytes()
     dense.write_bytes(intact[: len(intact) // 2])
     assert not stage_is_current(config, run_dir, "dense")
-    reporter = _Started()
+    reporter = StartedStages()
     run_pipeline(config, run_dir, device=CPU, stages=stages, reporter=reporter)
     assert reporter.started == ["dense", "features"]  # and what was made from it
     assert dense.stat().st_size == len(intact)
@@ -209,7 +200,7 @@ def test_a_truncated_or_changed_artifact_is_recomputed(tiny_data: Path, tmp_path
     statistics.write_text(text.replace('"', " ", 1))
     assert not stage_is_current(config, run_dir, "features")
     assert stage_is_current(config, run_dir, "dense")
-    reporter = _Started()
+    reporter = StartedStages()
     run_pipeline(config, run_dir, device=CPU, stages=stages, reporter=reporter)
     assert reporter.started == ["features"]
 
@@ -224,7 +215,7 @@ def test_records_without_checksums_are_trusted_then_given_them(
     recorded = state["dense"].pop("outputs")
     (run_dir / "stages.json").write_text(json.dumps(state))  # as an older openqpm wrote it
     assert stage_is_current(config, run_dir, "dense")
-    reporter = _Started()
+    reporter = StartedStages()
     run_pipeline(config, run_dir, device=CPU, stages=("dense",), reporter=reporter)
     assert reporter.started == []
     assert read_stage_state(run_dir)["dense"]["outputs"] == recorded
