@@ -115,3 +115,112 @@ def test_priced_milp_uses_the_cut_bound_and_stays_valid(seed: int) -> None:
     # "auto" on the same problem: search, then the MILP (full model here), still valid
     auto = solve(problem, method="auto", time_limit_s=10, max_iterations=5)
     assert auto.bound is not None and auto.bound >= optimum - 1e-7
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_rate_rule_stops_the_cut_loop_early_with_a_valid_bound(seed: int) -> None:
+    problem = _random_problem(seed, n_all=9, n_classes=5, n_features=4, n_per_class=2)
+    optimum = brute_force_optimum(problem)
+    full = cut_relaxation_bound(problem, time_limit_s=10)
+    assert full.stopped == "converged" and full.rounds > 3
+    # any fall is too slow: the loop stops as soon as the rate is measurable (3 rounds)
+    early = cut_relaxation_bound(problem, time_limit_s=10, min_rate_per_s=math.inf)
+    assert early.stopped == "rate" and early.rounds == 3
+    assert full.bound - 1e-9 <= early.bound
+    assert early.bound >= optimum - 1e-7
+
+
+def test_bound_rate_per_s_is_relative_and_needs_a_window() -> None:
+    from openqpm.solver.bound import bound_rate_per_s
+
+    assert bound_rate_per_s([1.0, 2.0], [110.0, 100.0]) == math.inf
+    assert bound_rate_per_s([0.0, 1.0, 2.0, 6.0], [300.0, 220.0, 210.0, 200.0]) == pytest.approx(
+        (220.0 - 200.0) / 200.0 / 5.0
+    )
+
+
+def test_milp_with_a_stop_rate_returns_early_after_the_cut_bound() -> None:
+    from openqpm.solver.exact import MilpOptions, solve_milp
+
+    problem = _random_problem(3, n_all=9, n_classes=5, n_features=4, n_per_class=2)
+    optimum = brute_force_optimum(problem)
+    priced = MilpOptions(
+        search_share=1e-3,
+        max_search_s=0.05,
+        full_model_max_columns=0,
+        initial_features_per_selected=1.0,
+        initial_depth_per_class=0.3,
+        cut_stop_rate=math.inf,
+    )
+    result = solve_milp(problem, time_limit_s=30, options=priced)
+    assert any("stopped: rate" in line for line in result.log)
+    assert not any("root round" in line or "branch and bound" in line for line in result.log)
+    assert result.time_s < 15  # the rest of the 30 s was left to the caller
+    assert result.bound is not None and result.bound >= optimum - 1e-7
+
+
+def _priced_problem() -> AssignmentProblem:
+    rng = np.random.default_rng(7)
+    n_classes, n_all = 50, 420  # 21 000 class-feature pairs: features are priced in
+    R = np.triu(rng.random((n_all, n_all)) * (rng.random((n_all, n_all)) < 0.1), 1)
+    return AssignmentProblem(rng.normal(size=(n_classes, n_all)), R + R.T, np.zeros(n_all), 12, 3)
+
+
+def test_auto_gives_the_time_the_bound_leaves_to_the_search(monkeypatch) -> None:
+    import openqpm.solver as solver_module
+    from openqpm.solver import solve
+    from openqpm.solver.problem import SolverProgress
+
+    problem = _priced_problem()
+    # the search "improves fast": the bound must fall faster than any rate to keep the time
+    monkeypatch.setattr(solver_module, "_search_rate", lambda trajectory, duration_s: math.inf)
+    events: list[SolverProgress] = []
+    result = solve(problem, method="auto", time_limit_s=12, progress=events.append)
+    assert any("search again for" in line for line in result.log)
+    assert any("stopped: rate" in line for line in result.log)
+    assert result.time_s < 12 + 3
+    assert result.bound is not None and result.bound >= result.objective
+    # one clock for all phases; the best and bound reported never get worse
+    times = [event.elapsed_s for event in events]
+    assert times == sorted(times) and times[-1] <= result.time_s + 1e-6
+    objectives = [event.objective for event in events if event.objective is not None]
+    assert objectives == sorted(objectives) and objectives[-1] <= result.objective + 1e-9
+    bounds = [event.bound for event in events if event.bound is not None]
+    assert bounds == sorted(bounds, reverse=True)
+    assert all(
+        event.bound >= event.objective - 1e-9
+        for event in events
+        if event.bound is not None and event.objective is not None
+    )
+    assert result.bound <= bounds[-1] + 1e-9
+
+
+def test_ctrl_c_in_autos_second_search_keeps_the_bound(monkeypatch) -> None:
+    import openqpm.solver as solver_module
+    from openqpm.solver import solve
+    from openqpm.solver.problem import SolveInterrupted, validate_assignment
+
+    problem = _priced_problem()
+    monkeypatch.setattr(solver_module, "_search_rate", lambda trajectory, duration_s: math.inf)
+    real = solver_module._solver_function
+    calls: list[str] = []
+
+    def interrupted_second_search(method: str):
+        function = real(method)
+        calls.append(method)
+        if calls.count("search") < 2:
+            return function
+
+        def run(problem, **options):
+            found = function(problem, **{**options, "time_limit_s": 0.5})
+            raise SolveInterrupted(found)
+
+        return run
+
+    monkeypatch.setattr(solver_module, "_solver_function", interrupted_second_search)
+    with pytest.raises(SolveInterrupted) as stop:
+        solve(problem, method="auto", time_limit_s=12)
+    assignment = stop.value.assignment
+    validate_assignment(problem, assignment)
+    assert assignment.bound is not None and assignment.bound >= assignment.objective
+    assert "interrupted" in assignment.log[-1]

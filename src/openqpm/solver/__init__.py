@@ -10,7 +10,9 @@
 * ``"scip"``: the linear MILP on SCIP with distinctness as lazy constraints in one tree
   (optional, ``pip install "openqpm[scip]"``): for proving optimality on small problems.
 * ``"auto"``: the search for a quarter of the time (at most two minutes), then the MILP
-  warm-started with its result; the better solution is returned with the MILP's bound.
+  warm-started with its result; on large problems the MILP's bound stops once it shrinks the
+  gap more slowly than the search did, and the search gets the time left. The best solution
+  is returned with the MILP's bound.
 
 Every result passes :func:`validate_assignment` before it is returned.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -74,6 +77,8 @@ AUTO_SEARCH_SHARE = 0.25
 # minutes, while a long run's time still lowers the MILP's bound (benchmarks/solver.py prints
 # both trajectories).
 AUTO_SEARCH_MAX_S = 120.0
+# the search runs again after the MILP only if at least this much time is left
+_AUTO_MIN_SEARCH_AGAIN_S = 1.0
 
 
 def forced_pair_methods() -> list[str]:
@@ -176,6 +181,64 @@ def _auto_search_seconds(time_limit_s: float) -> float:
     return min(time_limit_s * AUTO_SEARCH_SHARE, AUTO_SEARCH_MAX_S)
 
 
+class _AutoReport:
+    """Forwards the phases' progress on auto's own clock with the best objective and bound so
+    far, and keeps the current phase's trajectory of objectives (for :func:`_search_rate`)."""
+
+    def __init__(self, progress: ProgressCallback | None) -> None:
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.offset = 0.0
+        self.best = -math.inf
+        self.bound = math.inf
+        self.trajectory: list[tuple[float, float]] = []
+
+    def phase(self) -> None:
+        """A new phase starts now: its events' times count from here."""
+        self.offset = time.perf_counter() - self.started
+        self.trajectory = []
+
+    def __call__(self, event: SolverProgress) -> None:
+        if event.objective is not None:
+            self.best = max(self.best, event.objective)
+            self.trajectory.append((event.elapsed_s, event.objective))
+        if event.bound is not None:
+            self.bound = min(self.bound, event.bound)
+        if self.progress is None:
+            return
+        best = None if math.isinf(self.best) else self.best
+        bound = None if math.isinf(self.bound) or best is None else max(self.bound, best)
+        self.progress(
+            SolverProgress(
+                elapsed_s=self.offset + event.elapsed_s,
+                objective=best,
+                bound=bound,
+                gap=relative_gap(best, bound) if best is not None else None,
+                message=event.message,
+            )
+        )
+
+
+def _search_rate(trajectory: list[tuple[float, float]], duration_s: float) -> float:
+    """The search's relative improvement per second over the second half of its run.
+
+    ``trajectory`` holds ``(elapsed_s, objective)`` at each report; the objective at a time is
+    the best reported up to then.
+
+    Example:
+        >>> _search_rate([(0.0, 90.0), (4.0, 99.0), (9.0, 100.0)], 10.0)  # 99 -> 100 in 5 s
+        0.002
+    """
+    if not trajectory or duration_s <= 0:
+        return 0.0
+    half = duration_s / 2
+    at_half = max((value for time_s, value in trajectory if time_s <= half), default=None)
+    final = max(value for _, value in trajectory)
+    if at_half is None:
+        return math.inf  # nothing found in the first half: the search was still starting
+    return max(0.0, final - at_half) / max(1.0, abs(final)) / half
+
+
 def _solve_auto(
     problem: AssignmentProblem,
     *,
@@ -185,25 +248,42 @@ def _solve_auto(
     start: Assignment | None,
     max_iterations: int | None,
 ) -> Assignment:
-    """Search first, then the MILP warm-started from it; the better solution, the MILP's bound."""
-    started = time.perf_counter()
-    run_search = _solver_function("search")
-    found = run_search(
+    """Search, then the bound while it shrinks the gap faster than the search did, then the
+    search again for what is left; the best solution with the MILP's bound.
+
+    On large problems (features priced in) the cut relaxation stops once its bound falls more
+    slowly (relative, per second) than the search improved in the second half of its run: the
+    rest of the time is better spent on the search. Small problems keep the MILP's whole
+    path (root cuts and branch and bound), which is what proves them.
+    """
+    from openqpm.solver.exact import MilpOptions
+
+    report = _AutoReport(progress)
+    search_s = _auto_search_seconds(time_limit_s)
+    found = _solver_function("search")(
         problem,
-        time_limit_s=_auto_search_seconds(time_limit_s),
+        time_limit_s=search_s,
         seed=seed,
         start=start,
-        progress=progress,
+        progress=report,
         max_iterations=max_iterations,
     )
     validate_assignment(problem, found)
-    log = [f"auto: search {found.objective:.6f} in {found.time_s:.2f} s", *found.log]
-    remaining_s = time_limit_s - (time.perf_counter() - started)
+    rate = _search_rate(report.trajectory, found.time_s)
+    summary = f"auto: search {found.objective:.6f} in {found.time_s:.2f} s (rate {rate:.3g}/s)"
+    log = [summary, *found.log]
+    remaining_s = time_limit_s - (time.perf_counter() - report.started)
+    report.phase()
     try:
         if remaining_s <= 0:
             raise TimeoutError("no time left for the MILP after the search")
         exact = _solver_function("milp")(
-            problem, time_limit_s=remaining_s, seed=seed, start=found, progress=progress
+            problem,
+            time_limit_s=remaining_s,
+            seed=seed,
+            start=found,
+            progress=report,
+            options=MilpOptions(cut_stop_rate=rate),
         )
         validate_assignment(problem, exact)
     except KeyboardInterrupt:
@@ -213,19 +293,60 @@ def _solve_auto(
     except Exception as error:  # noqa: BLE001 - any MILP failure still leaves the search result
         _logger.warning("auto: MILP unavailable or failed (%s); returning the search result", error)
         log.append(f"auto: MILP unavailable or failed: {type(error).__name__}: {error}")
-        return Assignment(
-            selected_features=found.selected_features,
-            class_features=found.class_features,
-            objective=found.objective,
+        return replace(
+            found,
             bound=None,
             gap=None,
             method="auto",
-            time_s=time.perf_counter() - started,
             log=log,
+            time_s=time.perf_counter() - report.started,
         )
     log += [f"auto: MILP {exact.objective:.6f}, bound {exact.bound}", *exact.log]
     best = exact if exact.objective >= found.objective else found
-    bound = exact.bound
+    try:
+        best = _search_again(problem, best, exact.bound, report, time_limit_s, seed, log)
+    except SolveInterrupted as stop:
+        # Ctrl-C during the second search: its best so far, with the MILP's certificate
+        if stop.assignment.objective > best.objective:
+            best = stop.assignment
+        log.append("auto: interrupted (Ctrl-C) during the second search")
+        elapsed = time.perf_counter() - report.started
+        raise SolveInterrupted(_auto_result(best, exact.bound, log, elapsed)) from None
+    return _auto_result(best, exact.bound, log, time.perf_counter() - report.started)
+
+
+def _search_again(
+    problem: AssignmentProblem,
+    best: Assignment,
+    bound: float | None,
+    report: _AutoReport,
+    time_limit_s: float,
+    seed: int,
+    log: list[str],
+) -> Assignment:
+    """The search from ``best`` for the time the MILP left (it returns early when its bound
+    falls too slowly, and when branch and bound ends); ``best`` when no time or no gap is
+    left."""
+    remaining_s = time_limit_s - (time.perf_counter() - report.started)
+    gap = relative_gap(best.objective, bound)
+    if remaining_s < _AUTO_MIN_SEARCH_AGAIN_S or gap is None or gap <= 1e-9:
+        return best
+    report.phase()
+    again = _solver_function("search")(
+        problem, time_limit_s=remaining_s, seed=seed + 1, start=best, progress=report
+    )
+    validate_assignment(problem, again)
+    log.append(
+        f"auto: search again for the {remaining_s:.1f} s the MILP left: "
+        f"{best.objective:.6f} -> {max(best.objective, again.objective):.6f}"
+    )
+    return again if again.objective > best.objective else best
+
+
+def _auto_result(
+    best: Assignment, bound: float | None, log: list[str], time_s: float
+) -> Assignment:
+    """The auto result: ``best``'s solution with the MILP's ``bound`` (checked against it)."""
     if bound is not None and bound < best.objective:
         # a bound below a verified solution can only be solver tolerance; beyond that, drop it
         if best.objective - bound <= 1e-6 * max(1.0, abs(best.objective)):
@@ -241,6 +362,6 @@ def _solve_auto(
         bound=bound,
         gap=relative_gap(best.objective, bound),
         method="auto",
-        time_s=time.perf_counter() - started,
+        time_s=time_s,
         log=log,
     )

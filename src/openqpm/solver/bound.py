@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ from scipy import sparse
 
 from openqpm.solver.problem import AssignmentProblem
 
-__all__ = ["CutBound", "CutRelaxation", "cut_relaxation_bound"]
+__all__ = ["CutBound", "CutRelaxation", "bound_rate_per_s", "cut_relaxation_bound"]
 
 
 @dataclass
@@ -67,12 +67,30 @@ class CutBound:
         selection_values: (n_f,) the last LP's s, or None.
         rounds: LPs solved.
         log: One line per reported round.
+        stopped: Why the loop ended: ``"time"`` (the limit, or an LP that did not finish),
+            ``"converged"`` (no cut violated), ``"stalled"`` (four rounds improved the bound by
+            less than ``min_relative_improvement``) or ``"rate"`` (the bound fell more slowly
+            than ``min_rate_per_s``).
     """
 
     bound: float
     selection_values: np.ndarray | None
     rounds: int
     log: list[str] = field(default_factory=list)
+    stopped: str = "time"
+
+
+def bound_rate_per_s(times: Sequence[float], bounds: Sequence[float], window: int = 2) -> float:
+    """The bound's relative fall per second over its last ``window`` rounds (inf before that).
+
+    Example:
+        >>> bound_rate_per_s([1.0, 2.0, 3.0], [110.0, 105.0, 100.0])  # 10 % of 100 in 2 s
+        0.05
+    """
+    if len(times) <= window:
+        return math.inf
+    seconds = max(times[-1] - times[-1 - window], 1e-9)
+    return (bounds[-1 - window] - bounds[-1]) / max(1.0, abs(bounds[-1])) / seconds
 
 
 class CutRelaxation:
@@ -358,6 +376,7 @@ def cut_relaxation_bound(
     max_cuts_per_round: int = 300,
     drop_slack_after: int | None = 3,
     min_relative_improvement: float = 2e-4,
+    min_rate_per_s: float | None = None,
     on_round: Callable[[int, float, np.ndarray], None] | None = None,
 ) -> CutBound:
     """Run the cut loop of :class:`CutRelaxation` for at most ``time_limit_s`` seconds.
@@ -370,6 +389,9 @@ def cut_relaxation_bound(
         drop_slack_after: Remove a clique cut slack for this many consecutive rounds (None: never).
         min_relative_improvement: Stop when four rounds improve the bound by less than four times
             this (relative), once no class cut or pair is missing.
+        min_rate_per_s: Stop when the bound fell by less than this (relative, per second) over
+            the last two rounds (:func:`bound_rate_per_s`): the caller has a better use for the
+            time (``solve(method="auto")`` gives it to the search). None: never.
         on_round: Called with (round, bound, s) after every solved LP (e.g. to round s).
 
     Returns:
@@ -383,8 +405,10 @@ def cut_relaxation_bound(
     best = math.inf
     last_s: np.ndarray | None = None
     history: list[float] = []
+    times: list[float] = []
     log: list[str] = []
     round_index = 0
+    stopped = "time"
     while True:
         left = time_limit_s - (time.perf_counter() - started)
         if left <= 0:
@@ -397,6 +421,7 @@ def cut_relaxation_bound(
         bound = model.bound(duals)
         best = min(best, bound)
         history.append(best)
+        times.append(time.perf_counter() - started)
         s = columns[model.s_column]
         v = columns[model.v_column]
         last_s = s
@@ -429,6 +454,7 @@ def cut_relaxation_bound(
             f"{len(model.rows)} rows, {time.perf_counter() - started:.1f}s"
         )
         if not (n_class or n_pairs or links or cliques):
+            stopped = "converged"
             break
         window = 4
         if (
@@ -437,5 +463,11 @@ def cut_relaxation_bound(
             and history[-window - 1] - history[-1]
             < window * min_relative_improvement * max(1.0, abs(history[-1]))
         ):
+            stopped = "stalled"
             break
-    return CutBound(bound=best, selection_values=last_s, rounds=round_index, log=log)
+        if min_rate_per_s is not None and bound_rate_per_s(times, history) < min_rate_per_s:
+            stopped = "rate"
+            break
+    return CutBound(
+        bound=best, selection_values=last_s, rounds=round_index, log=log, stopped=stopped
+    )

@@ -183,6 +183,11 @@ class MilpOptions:
             branch and bound continue with whatever time it leaves.
         cut_drop_slack_after: The cut relaxation removes a clique cut slack for this many
             consecutive rounds (None: never).
+        cut_stop_rate: When set (large problems only), the cut relaxation gets all the time and
+            stops once its bound falls more slowly than this (relative, per second, over its
+            last two rounds); :func:`solve_milp` then returns at once, leaving the rest of the
+            time to its caller (``solve(method="auto")`` gives it to the search). When the cut
+            loop instead converges, the usual root phase and branch and bound follow.
     """
 
     search_share: float = 0.15
@@ -198,6 +203,7 @@ class MilpOptions:
     threads: int = 1
     cut_bound: bool = True
     cut_drop_slack_after: int | None = 3
+    cut_stop_rate: float | None = None
 
 
 def distinct_set_cut_holds(x: np.ndarray, group: Sequence[int], feature_set: Sequence[int]) -> bool:
@@ -1053,14 +1059,9 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
         and len(model.features) == problem.n_all_features
     )
     if not full and options.cut_bound:
-        _cut_root(
-            problem,
-            state,
-            time_s=clock.left() * options.root_share_priced,
-            seed=seed,
-            options=options,
-        )
-        if clock.left() <= 0:
+        share = 1.0 if options.cut_stop_rate is not None else options.root_share_priced
+        stopped = _cut_root(problem, state, time_s=clock.left() * share, seed=seed, options=options)
+        if clock.left() <= 0 or stopped == "rate":
             return
     root_time_s = clock.left() * (options.root_share if full else options.root_share_priced)
     root_started = clock.elapsed()
@@ -1154,9 +1155,10 @@ def _run(problem: AssignmentProblem, state: _State, *, seed: int, options: MilpO
 
 def _cut_root(
     problem: AssignmentProblem, state: _State, *, time_s: float, seed: int, options: MilpOptions
-) -> None:
+) -> str:
     """The root bound from :func:`openqpm.solver.bound.cut_relaxation_bound`; each round's LP
-    selection, rounded to its ``n_features`` largest values, is offered as an incumbent."""
+    selection, rounded to its ``n_features`` largest values, is offered as an incumbent.
+    Returns why the cut loop stopped (``CutBound.stopped``)."""
     from openqpm.solver.bound import cut_relaxation_bound
 
     def on_round(round_index: int, bound: float, selection_values: np.ndarray) -> None:
@@ -1175,12 +1177,14 @@ def _cut_root(
         max_cuts_per_round=options.max_cuts_per_round,
         drop_slack_after=options.cut_drop_slack_after,
         min_relative_improvement=options.min_relative_improvement,
+        min_rate_per_s=options.cut_stop_rate,
         on_round=on_round,
     )
     state.note(
-        f"cut bound: {result.rounds} rounds, bound {state.bound:.4f}"
+        f"cut bound: {result.rounds} rounds, bound {state.bound:.4f}, stopped: {result.stopped}"
         + (f" ({result.log[-1]})" if result.log else "")
     )
+    return result.stopped
 
 
 def _branch_and_bound(
