@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from openqpm.constants import feature_redundancy
 from openqpm.instances import (
     SCALES,
     UNIT_KINDS,
+    _with_strong_penalties,
     generate_instance,
+    instance_penalties,
     instance_scales,
     make_instance,
     make_world,
+    strong_penalties,
 )
+from openqpm.solver.problem import AssignmentProblem
 
 
 def test_tiny_instance_has_the_requested_sizes() -> None:
@@ -98,3 +103,109 @@ def test_bad_sizes_are_rejected() -> None:
         make_world(5, 3)
     with pytest.raises(ValueError, match="n_images_per_class"):
         generate_instance(20, 4, 4, 2, n_images_per_class=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the strong penalty family (issue 17)
+
+
+def _upper(matrix: np.ndarray) -> np.ndarray:
+    """The strict upper triangle, row-major, as a vector."""
+    return matrix[np.triu_indices(matrix.shape[0], k=1)]
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_strong_instances_penalise_a_quarter_of_pairs_at_mean_weight_0_3(scale: str) -> None:
+    problem = make_instance(scale, seed=0, penalty="strong")
+    weights = _upper(problem.R)
+    wanted = round(0.25 * weights.size)
+    assert np.count_nonzero(weights) == wanted
+    assert problem.n_penalised_pairs == problem.metadata["n_penalised_pairs"] == wanted
+    assert weights[weights > 0].mean() == pytest.approx(0.3, rel=1e-12)
+    assert problem.metadata["penalty"] == "strong"
+    assert problem.metadata["scale"] == scale
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_strong_instances_share_a_and_b_with_the_default(scale: str) -> None:
+    default = make_instance(scale, seed=1)
+    strong = make_instance(scale, seed=1, penalty="strong")
+    assert default.metadata["penalty"] == "default"
+    np.testing.assert_array_equal(strong.A, default.A)
+    np.testing.assert_array_equal(strong.b, default.b)
+    assert (strong.n_features, strong.n_per_class) == (default.n_features, default.n_per_class)
+    assert not np.array_equal(strong.R, default.R)
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_strong_penalties_are_symmetric_non_negative_with_zero_diagonal(scale: str) -> None:
+    penalties, _ = strong_penalties(make_instance(scale, seed=2).A)
+    np.testing.assert_array_equal(penalties, penalties.T)
+    assert np.all(np.diagonal(penalties) == 0)
+    assert penalties.min() >= 0
+
+
+def test_strong_instances_are_deterministic_per_seed() -> None:
+    first = make_instance("tiny", seed=3, penalty="strong")
+    again = make_instance("tiny", seed=3, penalty="strong")
+    other = make_instance("tiny", seed=4, penalty="strong")
+    for name in ("A", "R", "b"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    assert first.eps == again.eps
+    assert not np.array_equal(first.R, other.R)
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_strong_penalties_are_the_most_similar_pairs_with_proportional_weights(
+    scale: str,
+) -> None:
+    default = make_instance(scale, seed=0)
+    strong = make_instance(scale, seed=0, penalty="strong")
+    similarity = _upper(feature_redundancy(default.A))
+    weights = _upper(strong.R)
+    penalised = weights > 0
+    # every penalised pair is at least as similar as every unpenalised one
+    assert similarity[penalised].min() >= similarity[~penalised].max()
+    assert strong.eps == similarity[penalised].min()
+    # the weights are the similarity times one factor
+    ratio = weights[penalised] / similarity[penalised]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-12)
+    # the default R is monotone in the same similarity and penalises more than a quarter here,
+    # so the strong pairs are its most heavily weighted ones
+    default_weights = _upper(default.R)
+    assert np.count_nonzero(default_weights) > np.count_nonzero(penalised)
+    assert default_weights[penalised].min() >= default_weights[~penalised].max()
+
+
+def test_strong_instances_keep_only_a_compatible_start_selection() -> None:
+    # features 0 and 1 have the same class profile: the most similar pair, penalised
+    A = np.array([[1.0, 1.0, 0.2, 0.0, 0.1], [0.0, 0.0, 1.0, 0.3, 0.9], [0.5, 0.5, 0.0, 1.0, 0.4]])
+    problem = AssignmentProblem(A, np.zeros((5, 5)), np.zeros(5), 3, 1)
+    problem.metadata["start_features"] = [0, 1, 3]
+    strong = _with_strong_penalties(problem)
+    assert strong.R[0, 1] > 0
+    assert "start_features" not in strong.metadata
+    # on the benchmark scales the constants' start selection stays compatible and is kept
+    for scale in ("tiny", "small"):
+        instance = make_instance(scale, seed=0, penalty="strong")
+        recorded = instance.metadata["start_features"]
+        assert len(recorded) == SCALES[scale].n_features
+        assert instance.R[np.ix_(recorded, recorded)].max() == 0
+
+
+def test_unknown_penalty_lists_the_valid_ones() -> None:
+    assert instance_penalties() == ["default", "strong"]
+    with pytest.raises(ValueError, match=r"'harsh'.*default, strong"):
+        make_instance("tiny", penalty="harsh")
+    with pytest.raises(ValueError, match=r"'harsh'.*default, strong"):
+        generate_instance(30, 8, 6, 2, penalty="harsh")
+
+
+def test_strong_penalties_reject_what_they_cannot_build() -> None:
+    with pytest.raises(ValueError, match="share"):
+        strong_penalties(np.eye(4, 6), share=0.0)
+    with pytest.raises(ValueError, match="mean_weight"):
+        strong_penalties(np.eye(4, 6), mean_weight=-1.0)
+    # orthogonal class profiles: no pair has a positive similarity to penalise
+    with pytest.raises(ValueError, match="only 0 pairs have a positive similarity"):
+        strong_penalties(np.eye(6))

@@ -21,6 +21,11 @@ and :class:`openqpm.constants.MapStatistics`; :func:`openqpm.constants.build_pro
 makes A, R, eps and b exactly as for a real model. Nothing is ever held for the whole data set,
 so the ImageNet-sized world (1000 classes, 2048 units) builds in seconds.
 
+Two penalty families (:func:`instance_penalties`) share the world, A and b and differ in R:
+``"default"`` is R as :func:`openqpm.constants.build_problem` makes it (at CUB scale about 27 %
+of pairs penalised, mean weight about 0.15); ``"strong"`` (issue 17's harder family, see
+:func:`strong_penalties`) penalises the most similar quarter of all pairs with mean weight 0.3.
+
 Example:
     >>> problem = make_instance("tiny", seed=0)
     >>> problem.A.shape, problem.n_features, problem.n_per_class
@@ -34,19 +39,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openqpm.constants import FeatureStatistics, MapStatistics, build_problem
+from openqpm.constants import (
+    FeatureStatistics,
+    MapStatistics,
+    build_problem,
+    feature_redundancy,
+)
 from openqpm.solver.problem import AssignmentProblem
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PENALTIES",
     "SCALES",
+    "STRONG_MEAN_WEIGHT",
+    "STRONG_PENALISED_SHARE",
     "InstanceScale",
     "LatentWorld",
     "generate_instance",
+    "instance_penalties",
     "instance_scales",
     "make_instance",
     "make_world",
+    "strong_penalties",
 ]
 
 # unit kinds, in the order of LatentWorld.unit_kind codes
@@ -66,6 +81,12 @@ _N_BACKGROUND = 8  # dimensions of the per-image background vector
 _CONJUNCTION_THRESHOLD = 0.8  # drive subtracted per extra excitatory input of an attribute unit
 _NOISE_RANGE = (0.1, 0.4)  # per-unit noise standard deviation
 _MAP_SIZE = 7  # ResNet-50 maps at 224 px without reduced strides are 7 x 7
+
+# the penalty families of R (see the module docstring); the strong one is issue 17's harder
+# problem: a quarter of all pairs penalised, twice CUB's default mean weight
+PENALTIES = ("default", "strong")
+STRONG_PENALISED_SHARE = 0.25
+STRONG_MEAN_WEIGHT = 0.3
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,17 @@ SCALES: dict[str, InstanceScale] = {
 def instance_scales() -> list[str]:
     """Names accepted by :func:`make_instance`, smallest first."""
     return list(SCALES)
+
+
+def instance_penalties() -> list[str]:
+    """Penalty families accepted by :func:`make_instance` and :func:`generate_instance`."""
+    return list(PENALTIES)
+
+
+def _check_penalty(penalty: str) -> None:
+    """Raise a ValueError naming ``penalty`` and the valid families unless it is one of them."""
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; valid: {', '.join(PENALTIES)}")
 
 
 @dataclass(frozen=True)
@@ -326,6 +358,84 @@ def make_world(n_all_features: int, n_classes: int, *, seed: int = 0) -> LatentW
     )
 
 
+def strong_penalties(
+    A: np.ndarray,
+    *,
+    share: float = STRONG_PENALISED_SHARE,
+    mean_weight: float = STRONG_MEAN_WEIGHT,
+) -> tuple[np.ndarray, float]:
+    """R of the strong family: the most similar pairs, proportional weights of a given mean.
+
+    The similarity is the one the default R is thresholded from,
+    :func:`openqpm.constants.feature_redundancy` of A (ReLU of the cosine between the features'
+    class profiles). Since :func:`openqpm.constants.build_problem` computes it from the same A
+    (scaling A leaves cosines unchanged), it is recomputed here exactly, for every pair, including
+    those the default R leaves at 0. Exactly ``round(share * n_pairs)`` of the
+    ``n_f (n_f - 1) / 2`` pairs are penalised: the most similar ones, ties broken by the lower
+    pair index (row-major upper triangle). Their weights are the similarity scaled by one factor
+    so that their mean is ``mean_weight`` (up to round-off): proportional, so strictly monotone in
+    the similarity.
+
+    Args:
+        A: (n_c, n_f) class-feature similarity of the problem.
+        share: Share of all pairs to penalise, in (0, 1].
+        mean_weight: Mean weight of the penalised pairs, positive.
+
+    Returns:
+        ``(R, eps)``: the (n_f, n_f) symmetric, non-negative, zero-diagonal penalties and the
+        smallest similarity among the penalised pairs (the threshold, for the record).
+
+    Raises:
+        ValueError: If ``share`` or ``mean_weight`` is out of range, ``share * n_pairs`` rounds
+            to no pair, or fewer pairs than wanted have a positive similarity (a weight would
+            be 0).
+    """
+    if not 0 < share <= 1 or not mean_weight > 0:
+        raise ValueError(f"need 0 < share <= 1 and mean_weight > 0, got {share}, {mean_weight}")
+    redundancy = feature_redundancy(A)  # (n_f, n_f)
+    n_all = redundancy.shape[0]
+    first, second = np.triu_indices(n_all, k=1)
+    similarity = redundancy[first, second]  # (n_pairs,)
+    n_penalised = round(share * similarity.size)
+    if n_penalised < 1:
+        raise ValueError(f"{n_all} features have no pair to penalise at share {share}")
+    chosen = np.argsort(-similarity, kind="stable")[:n_penalised]
+    smallest = float(similarity[chosen[-1]])
+    if smallest <= 0:
+        n_positive = int(np.count_nonzero(similarity > 0))
+        raise ValueError(
+            f"only {n_positive} pairs have a positive similarity; {n_penalised} needed"
+        )
+    weights = similarity[chosen] * (mean_weight / float(similarity[chosen].mean()))
+    penalties = np.zeros_like(redundancy)
+    penalties[first[chosen], second[chosen]] = weights
+    penalties[second[chosen], first[chosen]] = weights
+    return penalties, smallest
+
+
+def _with_strong_penalties(problem: AssignmentProblem) -> AssignmentProblem:
+    """The same problem (A, b, sizes) with the strong family's R (see :func:`strong_penalties`).
+
+    The recorded start selection is kept only if no pair of it is penalised under the new R.
+    """
+    penalties, eps = strong_penalties(problem.A)
+    metadata = dict(problem.metadata)
+    metadata["n_penalised_pairs"] = int(np.count_nonzero(np.triu(penalties, k=1)))
+    metadata["penalty_mean_weight"] = STRONG_MEAN_WEIGHT
+    start = metadata.get("start_features")
+    if isinstance(start, list) and np.any(penalties[np.ix_(start, start)] > 0):
+        del metadata["start_features"]
+    return AssignmentProblem(
+        problem.A,
+        penalties,
+        problem.b,
+        problem.n_features,
+        problem.n_per_class,
+        eps=eps,
+        metadata=metadata,
+    )
+
+
 def generate_instance(
     n_all_features: int,
     n_classes: int,
@@ -336,6 +446,7 @@ def generate_instance(
     seed: int = 0,
     bias: str = "locality",
     batch_size: int = 2048,
+    penalty: str = "default",
 ) -> AssignmentProblem:
     """A QPM problem from a freshly sampled latent-attribute world.
 
@@ -348,13 +459,18 @@ def generate_instance(
         seed: Seed of the world, the images and the constants' clique search.
         bias: Any bias name :func:`openqpm.constants.build_problem` accepts.
         batch_size: Images sampled and streamed at a time (memory is O(batch_size * n_f)).
+        penalty: One of :func:`instance_penalties`: ``"default"`` keeps R as
+            :func:`openqpm.constants.build_problem` makes it; ``"strong"`` replaces it by
+            :func:`strong_penalties` of the same A (A and b unchanged).
 
     Returns:
-        The problem, with ``metadata`` naming the generator, its sizes and seed.
+        The problem, with ``metadata`` naming the generator, its sizes, seed and penalty.
 
     Raises:
-        ValueError: If a size is invalid (too small a world, or sizes the problem rejects).
+        ValueError: If a size is invalid (too small a world, or sizes the problem rejects) or
+            ``penalty`` is unknown (the message lists the valid ones).
     """
+    _check_penalty(penalty)
     if n_images_per_class < 2 or batch_size < 1:
         raise ValueError(
             f"need n_images_per_class >= 2 and batch_size >= 1, got {n_images_per_class}, "
@@ -373,7 +489,7 @@ def generate_instance(
         map_stats.update(
             pooled, peak_softmax, peak_index, map_height=_MAP_SIZE, map_width=_MAP_SIZE
         )
-    problem, report = build_problem(
+    problem, _ = build_problem(
         feature_stats,
         map_stats,
         n_features=n_features,
@@ -386,35 +502,44 @@ def generate_instance(
             "generator": "openqpm.instances.generate_instance",
             "n_images_per_class": n_images_per_class,
             "seed": seed,
+            "penalty": penalty,
         }
     )
+    if penalty == "strong":
+        problem = _with_strong_penalties(problem)
     _logger.info(
-        "instance n_f=%d n_c=%d: eps %.4f, %d penalised pairs",
+        "instance n_f=%d n_c=%d (%s penalty): eps %.4f, %d penalised pairs",
         n_all_features,
         n_classes,
-        report.eps,
-        report.n_penalised_pairs,
+        penalty,
+        problem.eps,
+        problem.n_penalised_pairs,
     )
     return problem
 
 
-def make_instance(scale: str, *, seed: int = 0) -> AssignmentProblem:
+def make_instance(scale: str, *, seed: int = 0, penalty: str = "default") -> AssignmentProblem:
     """A problem of one of the named benchmark scales (see :data:`SCALES`).
 
     Args:
         scale: One of :func:`instance_scales`: ``tiny`` (40 features, 12 classes, select 8,
             3 per class), ``small`` (128, 30, 15, 4), ``medium`` (512, 100, 30, 5), ``cub``
             (2048, 200, 50, 5), ``imagenet`` (2048, 1000, 50, 5).
-        seed: Seed; the problem is a deterministic function of ``scale`` and ``seed``.
+        seed: Seed; the problem is a deterministic function of ``scale``, ``seed`` and
+            ``penalty``.
+        penalty: One of :func:`instance_penalties` (see :func:`generate_instance`); the
+            families of one scale and seed share A and b.
 
     Returns:
-        The problem; ``metadata["scale"]`` names the scale.
+        The problem; ``metadata["scale"]`` and ``metadata["penalty"]`` name the scale and the
+        penalty family.
 
     Raises:
-        ValueError: If ``scale`` is unknown (the message lists the valid ones).
+        ValueError: If ``scale`` or ``penalty`` is unknown (the message lists the valid ones).
     """
     if scale not in SCALES:
         raise ValueError(f"unknown instance scale {scale!r}; valid: {', '.join(SCALES)}")
+    _check_penalty(penalty)
     sizes = SCALES[scale]
     problem = generate_instance(
         sizes.n_all_features,
@@ -423,6 +548,7 @@ def make_instance(scale: str, *, seed: int = 0) -> AssignmentProblem:
         sizes.n_per_class,
         n_images_per_class=sizes.n_images_per_class,
         seed=seed,
+        penalty=penalty,
     )
     problem.metadata["scale"] = scale
     return problem
