@@ -80,13 +80,45 @@ def test_bound_is_exact_without_penalties_when_all_features_are_selected() -> No
     assert result.bound == pytest.approx(expected, rel=1e-9)
 
 
-def test_dropping_slack_cuts_keeps_the_bound_valid() -> None:
-    problem = _random_problem(7, n_all=9, n_classes=5, n_features=5, n_per_class=2)
+@pytest.mark.parametrize("seed", range(12))
+def test_dropping_slack_rows_keeps_the_bound_valid(seed: int) -> None:
+    problem = _random_problem(seed, n_all=9, n_classes=5, n_features=5, n_per_class=2)
     optimum = brute_force_optimum(problem, distinct=False)
     kept = cut_relaxation_bound(problem, time_limit_s=10, drop_slack_after=None)
-    dropped = cut_relaxation_bound(problem, time_limit_s=10, drop_slack_after=1)
     assert kept.bound >= optimum - 1e-7
-    assert dropped.bound >= optimum - 1e-7
+    for kinds in [("clique",), ("clique", "pair", "class")]:
+        dropped = cut_relaxation_bound(
+            problem, time_limit_s=10, drop_slack_after=1, drop_kinds=kinds
+        )
+        assert dropped.bound >= optimum - 1e-7
+        assert dropped.stopped in ("converged", "stalled")
+
+
+def test_dropped_rows_come_back_when_violated_again() -> None:
+    problem = _random_problem(3, n_all=9, n_classes=5, n_features=4, n_per_class=2)
+    model = CutRelaxation(problem)
+    solved = model.solve(10.0)
+    assert solved is not None
+    columns = solved[0]
+    s = columns[model.s_column]
+    pairs = model.violated_pairs(s)
+    assert pairs and model.add_pairs(pairs) == len(pairs)
+    assert model.violated_pairs(s) == []  # each pair's row is in
+    n_class_rows = sum(row.kind == "class" for row in model.rows)
+    # every row "slack" (values strictly inside): all pair and class rows go
+    inside = np.array([0.0 if math.isinf(r.lower) else r.lower + 1.0 for r in model.rows])
+    inside = np.where(
+        [math.isinf(r.lower) for r in model.rows], [r.upper - 1.0 for r in model.rows], inside
+    )
+    removed = model.drop_slack_rows(inside, after_rounds=1, kinds=("pair", "class"))
+    assert removed == len(pairs) + n_class_rows
+    assert not any(row.kind in ("pair", "class") for row in model.rows)
+    assert model.highs.getNumRow() == len(model.rows)
+    # the same violations are found again and re-added, without new y columns
+    n_columns = model.highs.getNumCol()
+    assert sorted(model.violated_pairs(s)) == sorted(pairs)
+    assert model.add_pairs(pairs) == len(pairs) and model.highs.getNumCol() == n_columns
+    assert model.add_class_cut(0, problem.n_per_class - 1)
 
 
 @pytest.mark.parametrize("seed", [20, 21])

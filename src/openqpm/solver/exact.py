@@ -181,8 +181,10 @@ class MilpOptions:
             the same relaxation, several times faster per round at CUB scale, so a lower bound
             in the same time (benchmarks/experiments/cut_bound.py). The usual root phase and
             branch and bound continue with whatever time it leaves.
-        cut_drop_slack_after: The cut relaxation removes a clique cut slack for this many
-            consecutive rounds (None: never).
+        cut_drop_slack_after: The cut relaxation removes a row slack for this many consecutive
+            rounds (None: never).
+        cut_drop_kinds: The row kinds it removes when slack (``"clique"``, ``"pair"``,
+            ``"class"``).
         cut_stop_rate: When set (large problems only), the cut relaxation gets all the time and
             stops once its bound falls more slowly than this (relative, per second, over its
             last two rounds); :func:`solve_milp` then returns at once, leaving the rest of the
@@ -202,7 +204,8 @@ class MilpOptions:
     min_relative_improvement: float = 2e-4
     threads: int = 1
     cut_bound: bool = True
-    cut_drop_slack_after: int | None = 3
+    cut_drop_slack_after: int | None = 2
+    cut_drop_kinds: tuple[str, ...] = ("clique", "pair", "class")
     cut_stop_rate: float | None = None
 
 
@@ -1176,6 +1179,7 @@ def _cut_root(
         seed=seed,
         max_cuts_per_round=options.max_cuts_per_round,
         drop_slack_after=options.cut_drop_slack_after,
+        drop_kinds=options.cut_drop_kinds,
         min_relative_improvement=options.min_relative_improvement,
         min_rate_per_s=options.cut_stop_rate,
         on_round=on_round,
