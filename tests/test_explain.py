@@ -349,6 +349,31 @@ def test_display_image_squashes_or_centre_crops_like_the_transform() -> None:
     assert cropped[6, 0, 0] < 50  # the centre square starts at x = 15, right of the red part
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [T.Resize(256), T.CenterCrop(224)],  # ImageNet's test view: the centre 7/8
+        [T.Resize(64), T.CenterCrop(64)],  # centre square
+        [T.Resize((64, 64))],  # squash
+        [T.Resize(96), T.CenterCrop((48, 80))],  # a non-square crop, drawn squashed to a square
+    ],
+)
+def test_network_view_matches_what_the_transform_feeds_the_network(steps) -> None:
+    from openqpm.explain.heatmaps import network_view
+
+    height, width = 300, 400
+    y, x = np.mgrid[0:height, 0:width]
+    picture = np.stack([x * 255 / width, y * 255 / height, (x + y) % 64 * 4], axis=-1)
+    image = Image.fromarray(picture.astype(np.uint8))
+    seen = np.asarray(T.Compose(steps)(image), dtype=float)  # what the network gets (as pixels)
+    side = 64
+    expected = np.asarray(Image.fromarray(seen.astype(np.uint8)).resize((side, side)), dtype=float)
+    view = network_view(image, T.Compose(steps), size_px=side).astype(float)
+    # the red and green ramps give the position: a shifted or zoomed view differs by several
+    # grey levels everywhere (the old full-centre-square view was off by 16 at the border)
+    assert np.abs(view[..., :2] - expected[..., :2]).mean() < 2.0
+
+
 # ---------------------------------------------------------------------------------------------
 # local explanations and figures
 

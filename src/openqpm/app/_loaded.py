@@ -91,16 +91,11 @@ class LoadedRun:
         return _input_transform(self.model)
 
     def display(self, image: Image.Image) -> np.ndarray:
-        """The picture as the network sees it (centre square or squashed), for drawing on."""
-        from PIL import Image as PILImage
+        """The picture as the network sees it (see ``heatmaps.network_view``), for drawing on."""
+        from openqpm.explain.heatmaps import network_view
 
-        steps = getattr(self.transform(), "transforms", []) or []
-        if any(type(step).__name__ == "CenterCrop" for step in steps):
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
         side = max(self.image_size_px, DISPLAY_MIN_PX)
-        return np.asarray(image.resize((side, side), PILImage.Resampling.BICUBIC))
+        return network_view(image, self.transform(), size_px=side)
 
     def local(self, image: Image.Image) -> LocalExplanation:
         """The forward pass of one RGB image: logits, features and feature maps."""

@@ -33,6 +33,7 @@ __all__ = [
     "display_image",
     "feature_palette",
     "heatmap_overlay",
+    "network_view",
     "save_png",
     "to_head_units",
     "upsample_map",
@@ -337,13 +338,72 @@ def _blend(rgb: np.ndarray, level: np.ndarray, color_image: np.ndarray) -> np.nd
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
+def _visible_box(
+    width: int, height: int, steps: Sequence[Any]
+) -> tuple[float, float, float, float]:
+    """The part of a ``width`` x ``height`` image that survives the transform's resizes and
+    centre crops, as ``(left, top, right, bottom)`` in the image's own pixels.
+
+    Follows torchvision's ``Resize`` (an int: the shorter side to that length; a pair: both
+    sides) and ``CenterCrop`` (an int or a pair); other steps keep the geometry.
+
+    Example:
+        >>> import torchvision.transforms as T
+        >>> _visible_box(400, 300, [T.Resize(256), T.CenterCrop(224)])  # 224/256 of 300 px
+        (68.75, 18.75, 331.25, 281.25)
+    """
+    scale_x = scale_y = 1.0  # current pixels per original pixel
+    offset_x = offset_y = 0.0  # original coordinate of the current image's left/top edge
+    current_w, current_h = float(width), float(height)
+    for step in steps:
+        name = type(step).__name__
+        size = getattr(step, "size", None)
+        if name == "Resize" and size is not None:
+            if isinstance(size, int) or len(size) == 1:
+                target = size if isinstance(size, int) else size[0]
+                factor = target / min(current_w, current_h)
+                new_w, new_h = current_w * factor, current_h * factor
+            else:
+                new_h, new_w = float(size[0]), float(size[1])
+            scale_x *= new_w / current_w
+            scale_y *= new_h / current_h
+            current_w, current_h = new_w, new_h
+        elif name == "CenterCrop" and size is not None:
+            crop_h, crop_w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+            offset_x += (current_w - crop_w) / 2 / scale_x
+            offset_y += (current_h - crop_h) / 2 / scale_y
+            current_w, current_h = float(crop_w), float(crop_h)
+    return offset_x, offset_y, offset_x + current_w / scale_x, offset_y + current_h / scale_y
+
+
+def network_view(image: Image.Image, transform: Any, *, size_px: int) -> np.ndarray:
+    """The part of ``image`` the network sees through ``transform``, square, ``size_px`` wide.
+
+    The transform's resizes and centre crops decide the part (for ImageNet's Resize(256) +
+    CenterCrop(224), the centre 224/256 of the shorter side; for a squash, the whole picture),
+    so feature maps drawn on the result line up with what the network looked at.
+
+    Args:
+        image: the picture (any mode; converted to RGB).
+        transform: a torchvision ``Compose`` (its ``transforms``) or None (whole picture).
+        size_px: side of the output.
+
+    Returns:
+        (size_px, size_px, 3) uint8.
+    """
+    image = image.convert("RGB")
+    steps = getattr(transform, "transforms", None) or []
+    box = _visible_box(image.width, image.height, steps)
+    view = image.resize((size_px, size_px), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(view)
+
+
 def display_image(dataset: Any, index: int, *, size_px: int) -> np.ndarray:
     """An image of a data set as the network sees it, for drawing: square, ``size_px`` wide.
 
-    Uses ``dataset.load_image(index)`` (full resolution, after the optional box crop). When the
-    data set's transform contains a centre crop the image is cut to its centre square first;
-    otherwise it is squashed to a square, as the test transforms of openqpm do. So the feature
-    maps line up with the picture.
+    Uses ``dataset.load_image(index)`` (full resolution, after the optional box crop) and the
+    data set's ``transform`` (see :func:`network_view`), so the feature maps line up with the
+    picture.
 
     Args:
         dataset: an openqpm data set (``load_image`` and ``transform``).
@@ -353,14 +413,8 @@ def display_image(dataset: Any, index: int, *, size_px: int) -> np.ndarray:
     Returns:
         (size_px, size_px, 3) uint8.
     """
-    image = dataset.load_image(index).convert("RGB")
-    steps = getattr(getattr(dataset, "transform", None), "transforms", []) or []
-    if any(type(step).__name__ == "CenterCrop" for step in steps):
-        side = min(image.size)
-        left = (image.width - side) // 2
-        top = (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    return np.asarray(image.resize((size_px, size_px), Image.Resampling.BICUBIC))
+    transform = getattr(dataset, "transform", None)
+    return network_view(dataset.load_image(index), transform, size_px=size_px)
 
 
 def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
