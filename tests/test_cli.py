@@ -563,3 +563,20 @@ def test_explain_predict_and_app_take_method_alpha_and_tree_out(
     assert main(["explain", str(tmp_path), str(image), "--method", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "nosuch" in err and "chiqpm" in err
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_every_torch_command_takes_the_thread_count(command, tmp_path, capsys) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    extra = {"predict": ["run", "image.png"], "explain": ["run", "image.png"]}
+    try:
+        # an invalid count is refused before the command looks at its arguments' files
+        assert main(["--threads", "0", command, *extra[command]]) != 0
+        assert "--threads must be at least 1" in capsys.readouterr().err
+        # a valid one is applied even though the command then fails on the missing run
+        main(["--threads", "1", command, *extra[command]])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -275,6 +275,10 @@ def _listed(text: str | None, flag: str, convert: Callable[[str], Any]) -> list[
         raise _CliError(f"{flag} {text!r}: expected comma-separated values, e.g. 0,1,2") from None
 
 
+# the commands that run torch (besides the stages): they choose its CPU thread count
+_TORCH_COMMANDS = ("demo", "train", "sweep", "predict", "explain", "app")
+
+
 def _set_threads(requested: int | None) -> None:
     """Choose torch's CPU thread count: the request, else the cores left idle by other work.
 
@@ -950,7 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (getattr(args, "parser", None) or parser).print_help()
         return 0
     try:
-        if args.command == "demo" or args.command == "train" or args.command in stage_names():
+        if args.command in _TORCH_COMMANDS or args.command in stage_names():
             _set_threads(args.threads)
         return int(handler(args))
     except KeyboardInterrupt as interrupt:
