@@ -86,7 +86,7 @@ def solve_scip(
     )
     log = [f"start from {source}: objective {start_value:.6f}"]
 
-    n_c, n_f, k = problem.n_classes, problem.n_all_features, problem.n_per_class
+    n_f, k = problem.n_all_features, problem.n_per_class
     model = scip.Model("openqpm")
     model.hideOutput(True)
     model.setParam("randomization/randomseedshift", int(seed))
@@ -101,15 +101,43 @@ def solve_scip(
     model.setMaximize()
     s, x = milp.s, milp.x
 
+    n_cuts = _include_distinctness(scip, model, x, n_features=n_f, k=k)
+    _include_incumbent_reports(scip, model, progress, started)
+
+    solution = model.createSol()
+    for variable, value in start_values(problem, milp, selection, class_features):
+        model.setSolVal(solution, variable, value)
+    model.addSol(solution, free=True)
+
+    model.setParam("limits/time", max(1.0, time_limit_s - (time.perf_counter() - started)))
+    model.optimize()
+    status = str(model.getStatus())
+    if model.getNSols() > 0:
+        best = model.getBestSol()
+        found_selection = [d for d in range(n_f) if model.getSolVal(best, s[d]) > 0.5]
+        if len(found_selection) == problem.n_features:
+            selection = found_selection
+    dual = float(model.getDualbound())
+    log.append(
+        f"scip status {status}, bound {dual:.6f}, {n_cuts[0]} lazy distinctness cuts, "
+        f"{model.getNNodes()} nodes"
+    )
+    _logger.info("scip: %s", log[-1])
+    return finish_assignment(problem, selection, dual, method="scip", started=started, log=log)
+
+
+def _include_distinctness(scip: Any, model: Any, x: Any, *, n_features: int, k: int) -> list[int]:
+    """A constraint handler that rejects solutions with two classes on one set and cuts them off
+    with :func:`distinct_group_cut`; returns the one-element list counting the cuts added."""
     n_cuts = [0]
 
     def collisions(solution: Any) -> list[tuple[list[int], tuple[int, ...]]]:
         return shared_sets(
-            (c, tuple(d for d in range(n_f) if model.getSolVal(solution, x[c][d]) > 0.5))
-            for c in range(n_c)
+            (c, tuple(d for d in range(n_features) if model.getSolVal(solution, row[d]) > 0.5))
+            for c, row in enumerate(x)
         )
 
-    class Distinct(scip.Conshdlr):  # type: ignore[name-defined]
+    class Distinct(scip.Conshdlr):
         def conscheck(
             self,
             constraints: Any,
@@ -157,8 +185,15 @@ def solve_scip(
         enfopriority=-10,
         needscons=False,
     )
+    return n_cuts
 
-    class Incumbents(scip.Eventhdlr):  # type: ignore[name-defined]
+
+def _include_incumbent_reports(
+    scip: Any, model: Any, progress: ProgressCallback | None, started: float
+) -> None:
+    """An event handler that reports every new incumbent to ``progress``."""
+
+    class Incumbents(scip.Eventhdlr):
         def eventinit(self) -> None:
             model.catchEvent(scip.SCIP_EVENTTYPE.BESTSOLFOUND, self)
 
@@ -172,24 +207,3 @@ def solve_scip(
             )
 
     model.includeEventhdlr(Incumbents(), "openqpm_incumbents", "reports new incumbents")
-
-    solution = model.createSol()
-    for variable, value in start_values(problem, milp, selection, class_features):
-        model.setSolVal(solution, variable, value)
-    model.addSol(solution, free=True)
-
-    model.setParam("limits/time", max(1.0, time_limit_s - (time.perf_counter() - started)))
-    model.optimize()
-    status = str(model.getStatus())
-    if model.getNSols() > 0:
-        best = model.getBestSol()
-        found_selection = [d for d in range(n_f) if model.getSolVal(best, s[d]) > 0.5]
-        if len(found_selection) == problem.n_features:
-            selection = found_selection
-    dual = float(model.getDualbound())
-    log.append(
-        f"scip status {status}, bound {dual:.6f}, {n_cuts[0]} lazy distinctness cuts, "
-        f"{model.getNNodes()} nodes"
-    )
-    _logger.info("scip: %s", log[-1])
-    return finish_assignment(problem, selection, dual, method="scip", started=started, log=log)
