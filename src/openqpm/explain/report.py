@@ -957,111 +957,22 @@ def _class_page(context: _Context, class_index: int) -> str:
     scan = context.scan
     root = "../"
     name = explanation.class_names[class_index]
-    features = explanation.class_features[class_index]
     of_class = scan.labels == class_index
     n_images = int(of_class.sum())
     n_correct = int((of_class & scan.correct).sum())
     accuracy = (
         f"{100.0 * n_correct / n_images:.0f}% ({n_correct}/{n_images})" if n_images else "n/a"
     )
-    chips = "".join(context.feature_chip(d, root) for d in features)
-    summary = f"is the sum of these {len(features)} features."
-    if context.weighted:  # every nonzero feature with its signed weight
-        weights = context.weights[class_index]
-        chips = "".join(
-            context.feature_chip(d, root, extra=f"weight {weights[d]:+.3g}") for d in features
-        )
-        bias = float(context.bias[class_index])
-        summary = f"is a weighted sum of these {len(features)} features" + (
-            f", plus a bias of {bias:+.3g}." if bias else "."
-        )
     sections = [
-        f"""<section class="card"><h2>Features</h2>
-<p class="lead">{escape(name)} {summary}</p><div>{chips}</div>
-</section>"""
+        _features_section(context, class_index, root),
+        _example_section(context, class_index, root),
     ]
-    example = context.examples[class_index]
-    if example is None:
-        sections.append(
-            '<section class="card"><h2>Example</h2><p class="lead">No test image of this class '
-            "is classified correctly, so no example is shown.</p></section>"
-        )
-    else:
-        local = context.local(example)
-        why = local.why_not_sentence(explanation.class_names, context.feature_labels)
-        tiles = "".join(
-            _tile(
-                context,
-                example,
-                d,
-                root,
-                f'<div class="cap-top">{context.feature_chip(d, root)}<span class="val">'
-                f"{local.features[d]:+.2f}</span></div>"
-                f'<span class="muted">used by '
-                f"{_count(len(explanation.feature_classes[d]), 'class')}</span>",
-            )
-            for d in features
-        )
-        sections.append(
-            f"""<section class="card"><h2>How the model sees a {escape(name)}</h2>
-<p class="lead">A correctly classified test image, chosen so that all {len(features)} features
-are active and look at different places. Each heatmap shows where one feature fires (values:
-normalised feature activation).{context.brightness_note()}</p>
-<div class="split"><div class="side"><img class="big-img" src="{root}img/{_tile_name("i", example)}"
-alt="{escape(name)} example"><div class="caption">test image #{example}</div>
-<img class="big-img" style="margin-top:10px" src="{root}img/i{example:06d}_c{class_index:04d}.png"
-alt="all features"><div class="caption">all its features, each pixel in the colour of the strongest
-one</div></div>
-<div class="main"><div class="tiles">{tiles}</div>
-<h3>Why {escape(name)} and not {escape(explanation.class_names[local.runner_up_class])}?</h3>
-<div class="why">{escape(why)}</div>
-{_contribution_bars(context, local, root)}
-</div></div></section>"""
-        )
     if class_index in context.trees:
         sections.append(_tree_section(context, class_index, root))
-    pairs = [pair for pair in explanation.pairs_of(class_index)]
-    if pairs:
-        cards = "".join(_pair_card(context, pair, root) for pair in pairs[:12])
-        more = f'<p class="muted">and {len(pairs) - 12} more.</p>' if len(pairs) > 12 else ""
-        sections.append(
-            f"""<section class="card"><h2>Contrasted with</h2>
-<p class="lead">Classes that share all but one feature with {escape(name)}.</p>
-<div class="pair-list">{cards}</div>{more}</section>"""
-        )
-    else:
-        closest = _closest_classes(context, class_index)
-        sections.append(
-            f"""<section class="card"><h2>Most similar classes</h2>
-<p class="lead">No class differs from {escape(name)} in a single feature; these share the most.
-</p><div>{closest}</div></section>"""
-        )
-    mistake = context.mistakes[class_index]
-    if mistake is not None:
-        predicted = int(scan.predictions[mistake])
-        local = context.local(mistake, versus=class_index)
-        separating = local.separating_feature
-        tiles = ""
-        if separating is not None:
-            tiles = _tile(
-                context,
-                mistake,
-                separating,
-                root,
-                f'<div class="cap-top">{context.feature_chip(separating, root)}'
-                f'<span class="val">{local.features[separating]:+.2f}</span></div>',
-            )
-        sections.append(
-            f"""<section class="card"><h2>A mistake</h2>
-<p class="lead">The test image of {escape(name)} that the model gets most confidently wrong:
-it predicts {context.class_link(predicted, root)}.</p>
-<div class="split"><div class="side"><img class="big-img" src="{root}img/{_tile_name("i", mistake)}"
-alt="misclassified image"><div class="caption">test image #{mistake}</div></div>
-<div class="main"><div class="why">{
-                escape(local.why_not_sentence(explanation.class_names, context.feature_labels))
-            }</div><div class="tiles">{tiles}</div>
-{_contribution_bars(context, local, root)}</div></div></section>"""
-        )
+    pairs = list(explanation.pairs_of(class_index))
+    sections.append(_contrast_section(context, class_index, pairs, root))
+    if context.mistakes[class_index] is not None:
+        sections.append(_mistake_section(context, class_index, root))
     stats = (
         f'<div class="stat"><b>{escape(accuracy)}</b><span>test accuracy</span></div>'
         f'<div class="stat"><b>{len(pairs)}</b><span>contrastive pairs</span></div>'
@@ -1075,6 +986,113 @@ alt="misclassified image"><div class="caption">test image #{mistake}</div></div>
         crumbs=f'<a href="{root}index.html#classes">← all classes</a>',
         stats=stats,
     )
+
+
+def _features_section(context: _Context, class_index: int, root: str) -> str:
+    """The class's features as chips (with their weights for a weighted head)."""
+    name = context.explanation.class_names[class_index]
+    features = context.explanation.class_features[class_index]
+    chips = "".join(context.feature_chip(d, root) for d in features)
+    summary = f"is the sum of these {len(features)} features."
+    if context.weighted:  # every nonzero feature with its signed weight
+        weights = context.weights[class_index]
+        chips = "".join(
+            context.feature_chip(d, root, extra=f"weight {weights[d]:+.3g}") for d in features
+        )
+        bias = float(context.bias[class_index])
+        summary = f"is a weighted sum of these {len(features)} features" + (
+            f", plus a bias of {bias:+.3g}." if bias else "."
+        )
+    return f"""<section class="card"><h2>Features</h2>
+<p class="lead">{escape(name)} {summary}</p><div>{chips}</div>
+</section>"""
+
+
+def _example_section(context: _Context, class_index: int, root: str) -> str:
+    """A correctly classified test image with each of the class's features' heatmap."""
+    explanation = context.explanation
+    name = explanation.class_names[class_index]
+    features = explanation.class_features[class_index]
+    example = context.examples[class_index]
+    if example is None:
+        return (
+            '<section class="card"><h2>Example</h2><p class="lead">No test image of this class '
+            "is classified correctly, so no example is shown.</p></section>"
+        )
+    local = context.local(example)
+    why = local.why_not_sentence(explanation.class_names, context.feature_labels)
+    tiles = "".join(
+        _tile(
+            context,
+            example,
+            d,
+            root,
+            f'<div class="cap-top">{context.feature_chip(d, root)}<span class="val">'
+            f"{local.features[d]:+.2f}</span></div>"
+            f'<span class="muted">used by '
+            f"{_count(len(explanation.feature_classes[d]), 'class')}</span>",
+        )
+        for d in features
+    )
+    return f"""<section class="card"><h2>How the model sees a {escape(name)}</h2>
+<p class="lead">A correctly classified test image, chosen so that all {len(features)} features
+are active and look at different places. Each heatmap shows where one feature fires (values:
+normalised feature activation).{context.brightness_note()}</p>
+<div class="split"><div class="side"><img class="big-img" src="{root}img/{_tile_name("i", example)}"
+alt="{escape(name)} example"><div class="caption">test image #{example}</div>
+<img class="big-img" style="margin-top:10px" src="{root}img/i{example:06d}_c{class_index:04d}.png"
+alt="all features"><div class="caption">all its features, each pixel in the colour of the strongest
+one</div></div>
+<div class="main"><div class="tiles">{tiles}</div>
+<h3>Why {escape(name)} and not {escape(explanation.class_names[local.runner_up_class])}?</h3>
+<div class="why">{escape(why)}</div>
+{_contribution_bars(context, local, root)}
+</div></div></section>"""
+
+
+def _contrast_section(context: _Context, class_index: int, pairs: list[Any], root: str) -> str:
+    """The classes one feature apart (at most 12 cards), else the most similar classes."""
+    name = context.explanation.class_names[class_index]
+    if not pairs:
+        closest = _closest_classes(context, class_index)
+        return f"""<section class="card"><h2>Most similar classes</h2>
+<p class="lead">No class differs from {escape(name)} in a single feature; these share the most.
+</p><div>{closest}</div></section>"""
+    cards = "".join(_pair_card(context, pair, root) for pair in pairs[:12])
+    more = f'<p class="muted">and {len(pairs) - 12} more.</p>' if len(pairs) > 12 else ""
+    return f"""<section class="card"><h2>Contrasted with</h2>
+<p class="lead">Classes that share all but one feature with {escape(name)}.</p>
+<div class="pair-list">{cards}</div>{more}</section>"""
+
+
+def _mistake_section(context: _Context, class_index: int, root: str) -> str:
+    """The class's most confidently misclassified test image and the feature that decided it."""
+    explanation = context.explanation
+    name = explanation.class_names[class_index]
+    mistake = context.mistakes[class_index]
+    assert mistake is not None
+    predicted = int(context.scan.predictions[mistake])
+    local = context.local(mistake, versus=class_index)
+    separating = local.separating_feature
+    tiles = ""
+    if separating is not None:
+        tiles = _tile(
+            context,
+            mistake,
+            separating,
+            root,
+            f'<div class="cap-top">{context.feature_chip(separating, root)}'
+            f'<span class="val">{local.features[separating]:+.2f}</span></div>',
+        )
+    return f"""<section class="card"><h2>A mistake</h2>
+<p class="lead">The test image of {escape(name)} that the model gets most confidently wrong:
+it predicts {context.class_link(predicted, root)}.</p>
+<div class="split"><div class="side"><img class="big-img" src="{root}img/{_tile_name("i", mistake)}"
+alt="misclassified image"><div class="caption">test image #{mistake}</div></div>
+<div class="main"><div class="why">{
+        escape(local.why_not_sentence(explanation.class_names, context.feature_labels))
+    }</div><div class="tiles">{tiles}</div>
+{_contribution_bars(context, local, root)}</div></div></section>"""
 
 
 def _tree_section(context: _Context, class_index: int, root: str, n_listed: int = 40) -> str:
