@@ -424,6 +424,40 @@ def test_explain_image_contributions_sum_to_the_logits() -> None:
         explain_image(model, torch.zeros(2, 3, 32, 32))
 
 
+def test_class_comparison_figure_can_carry_certainty() -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (20, 20, 3), dtype=np.uint8) for _ in range(2)]
+    maps = [np.full((3, 4, 4), 1.0), np.full((3, 4, 4), 2.0)]  # feature values 1 and 2
+    colors = assign_feature_colors([[0, 1], [1, 2]], 3)
+    options: dict = {
+        "first_only": [0],
+        "shared": [1],
+        "second_only": [2],
+        "class_names": ["a", "b"],
+    }
+    plain = class_comparison_figure(images, maps, colors=colors, **options)
+    strengths = np.array([4.0, 4.0, 1.0])
+    certain = class_comparison_figure(
+        images, maps, colors=colors, strength_scales=strengths, **options
+    )
+
+    def panel(figure, row: int, column: int) -> np.ndarray:
+        return np.asarray(figure.axes[row * 4 + column].get_images()[0].get_array())
+
+    # plain: the stronger image of a column is drawn at full brightness
+    assert np.array_equal(
+        panel(plain, 1, 2), heatmap_overlay(images[1], maps[1][1], colors[1], scale_max=2.0)
+    )
+    # certainty: brightness = value / the feature's typical strength, the same in every figure
+    for row in range(2):
+        for column, feature in ((1, 0), (2, 1), (3, 2)):
+            expected = heatmap_overlay(
+                images[row], maps[row][feature], colors[feature], strength_scale=strengths[feature]
+            )
+            assert np.array_equal(panel(certain, row, column), expected)
+    assert not np.array_equal(panel(plain, 1, 2), panel(certain, 1, 2))
+
+
 def test_class_comparison_figure_has_a_column_per_feature(tmp_path) -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (20, 20, 3), dtype=np.uint8) for _ in range(2)]

@@ -190,12 +190,15 @@ def class_comparison_figure(
     feature_labels: Sequence[str] | None = None,
     feature_values: Sequence[np.ndarray] | None = None,
     axes: np.ndarray | None = None,
+    strength_scales: Sequence[float] | np.ndarray | None = None,
 ) -> Figure:
     """Two classes, a row each; columns: the image, then features only the first class uses,
     shared features, features only the second class uses (paper Figures 1 and 4).
 
     Every column shows one feature on both images with one brightness scale, the larger of the
-    two maps' maxima, so the image where the feature is weaker is drawn dimmer.
+    two maps' maxima, so the image where the feature is weaker is drawn dimmer. With
+    ``strength_scales`` the scale is instead the feature's typical strength (certainty-carrying
+    drawing, see :func:`openqpm.explain.heatmaps.heatmap_overlay`), the same in every figure.
 
     Args:
         images: two (H, W, 3) uint8 images (see ``heatmaps.display_image``).
@@ -208,6 +211,8 @@ def class_comparison_figure(
         feature_labels: K column titles; default ``"Feature d"``.
         feature_values: two (K,) arrays of feature values written in each panel's corner.
         axes: a (2, 1 + n_columns) array of axes to draw into; default a new figure.
+        strength_scales: (K,) each feature's typical strength (``heatmaps.active_means``); the
+            maps are then in head-input units (``heatmaps.to_head_units``).
 
     Returns:
         The figure.
@@ -243,14 +248,13 @@ def class_comparison_figure(
         scale_max = max(
             float(feature_maps[0][feature].max()), float(feature_maps[1][feature].max())
         )
+        scales: dict[str, float | None] = {"scale_max": scale_max or None}
+        if strength_scales is not None:
+            scales = {"strength_scale": float(strength_scales[feature])}
         color = colors[feature]
         for row in range(2):
             axis = axes[row, column]
-            axis.imshow(
-                heatmap_overlay(
-                    images[row], feature_maps[row][feature], color, scale_max=scale_max or None
-                )
-            )
+            axis.imshow(heatmap_overlay(images[row], feature_maps[row][feature], color, **scales))
             _hide_ticks(axis)
             if feature_values is not None:
                 axis.text(

@@ -146,7 +146,7 @@ class _Context:
             return heatmap_overlay(
                 image, feature_map, color, scale_max=float(self.feature_scales[feature])
             )
-        units = self._head_units(index, [feature])[0]
+        units = self.head_units(index, [feature])[0]
         strength = float(self.certainty.strength[feature])
         return heatmap_overlay(image, units, color, strength_scale=strength)
 
@@ -162,12 +162,12 @@ class _Context:
             )
         return composite_overlay(
             image,
-            self._head_units(index, own),
+            self.head_units(index, own),
             self.colors[own],
             strength_scales=self.certainty.strength[own],
         )
 
-    def _head_units(self, index: int, features: list[int]) -> np.ndarray:
+    def head_units(self, index: int, features: list[int]) -> np.ndarray:
         assert self.certainty is not None
         return to_head_units(
             self.maps[index][features],
@@ -556,9 +556,15 @@ def _write_pair_figures(
         first_index = context.examples[pair.first]
         second_index = context.examples[pair.second]
         assert first_index is not None and second_index is not None  # filtered by the caller
+        maps = [context.maps[first_index], context.maps[second_index]]
+        strength = None
+        if context.certainty is not None:  # certainty-carrying brightness, as on the tiles
+            every = list(range(maps[0].shape[0]))
+            maps = [context.head_units(index, every) for index in (first_index, second_index)]
+            strength = context.certainty.strength
         figure = class_comparison_figure(
             [context.display(first_index), context.display(second_index)],
-            [context.maps[first_index], context.maps[second_index]],
+            maps,
             first_only=pair.first_only,
             shared=pair.shared_features,
             second_only=pair.second_only,
@@ -569,6 +575,7 @@ def _write_pair_figures(
                 context.scan.features[first_index],
                 context.scan.features[second_index],
             ],
+            strength_scales=strength,
         )
         name = f"pair_{pair.first:04d}_{pair.second:04d}.png"
         _save_figure(figure, context.out_dir / "img" / name)
