@@ -525,6 +525,42 @@ def test_local_explanation_figure(tmp_path) -> None:
         )
 
 
+def test_local_explanation_figure_can_carry_certainty() -> None:
+    from openqpm.explain.heatmaps import composite_overlay
+
+    local = _local([1.0, 2.0, -1.0])  # class A uses features 0 and 1
+    image = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    colors = assign_feature_colors([[0, 1], [0, 2]], 3)
+    head_maps = np.stack([np.full((4, 4), value) for value in (0.5, 3.0, 1.0)])
+    strengths = np.array([1.0, 6.0, 1.0])
+    figure = local_explanation_figure(
+        image,
+        local,
+        class_names=["A", "B"],
+        colors=colors,
+        strength_scales=strengths,
+        head_maps=head_maps,
+    )
+    drawn = [np.asarray(axis.get_images()[0].get_array()) for axis in figure.axes[3:]]
+    features = [feature for feature, _ in local.contributions(0)]
+    for panel, feature in zip(drawn, features):
+        expected = heatmap_overlay(
+            image, head_maps[feature], colors[feature], strength_scale=strengths[feature]
+        )
+        assert np.array_equal(panel, expected)
+    composite = np.asarray(figure.axes[1].get_images()[0].get_array())
+    assert np.array_equal(
+        composite,
+        composite_overlay(
+            image, head_maps[features], colors[features], strength_scales=strengths[features]
+        ),
+    )
+    with pytest.raises(ValueError, match="head_maps"):
+        local_explanation_figure(
+            image, local, class_names=["A", "B"], colors=colors, strength_scales=strengths
+        )
+
+
 def test_composite_overlay_of_no_feature_is_the_background() -> None:
     """A sparse baseline's class can lose every weight: its composite is the image's background."""
     from openqpm.explain.heatmaps import composite_overlay

@@ -116,18 +116,26 @@ class LoadedRun:
         self, image: Image.Image, *, versus: int | str | None = None
     ) -> tuple[Figure, LocalExplanation]:
         """The local explanation figure of one image, contrasted with ``versus`` (default: the
-        runner-up), in the report's feature colours."""
+        runner-up), in the report's feature colours (with certainty-carrying heatmaps when the
+        run is calibrated)."""
         from openqpm.explain.figures import local_explanation_figure
 
         local = self.local(image)
         if versus is not None:
             local = dataclasses.replace(local, runner_up_class=self.class_index(versus))
+        certainty: dict[str, Any] = {}
+        if self.certainty_scale is not None:  # brightness = certainty, as in the report
+            certainty = {
+                "strength_scales": self.certainty_scale,
+                "head_maps": self.head_units(local.feature_maps),
+            }
         figure = local_explanation_figure(
             self.display(image),
             local,
             class_names=self.class_names,
             colors=self.colors,
             feature_labels=self.feature_labels,
+            **certainty,
         )
         return figure, local
 

@@ -300,6 +300,8 @@ def local_explanation_figure(
     colors: np.ndarray,
     feature_labels: Sequence[str] | None = None,
     axes: Sequence[Axes] | None = None,
+    strength_scales: Sequence[float] | np.ndarray | None = None,
+    head_maps: np.ndarray | None = None,
 ) -> Figure:
     """The explanation of one image: prediction, each feature's contribution, heatmaps, and the
     feature that separates the prediction from the runner-up ("why this and not that").
@@ -316,13 +318,21 @@ def local_explanation_figure(
         feature_labels: K labels; default ``"Feature d"``.
         axes: 3 + k axes (image, composite, bars, then one per predicted-class feature, k of
             them); default a new figure.
+        strength_scales: (K,) each feature's typical strength (``heatmaps.active_means``):
+            certainty-carrying heatmaps (brightness = value / strength) drawn from
+            ``head_maps``; default: the heatmaps share the brightest feature's scale.
+        head_maps: (K, h, w) the feature maps in head-input units
+            (``heatmaps.to_head_units``), required with ``strength_scales``.
 
     Returns:
         The figure.
 
     Raises:
-        ValueError: when ``axes`` has the wrong length.
+        ValueError: when ``axes`` has the wrong length, or ``strength_scales`` comes without
+            ``head_maps``.
     """
+    if strength_scales is not None and head_maps is None:
+        raise ValueError("strength_scales needs head_maps (the maps in head-input units)")
     labels = _labels(explanation.feature_maps.shape[0], feature_labels)
     predicted = explanation.predicted_class
     runner_up = explanation.runner_up_class
@@ -350,7 +360,15 @@ def local_explanation_figure(
     image_axis.imshow(image)
     image_axis.set_title("input", fontsize=9)
     _hide_ticks(image_axis)
-    composite_axis.imshow(composite_overlay(image, maps[features], colors[features]))
+    if strength_scales is not None and head_maps is not None:
+        strength = np.asarray(strength_scales, dtype=np.float64)
+        maps = head_maps
+        composite = composite_overlay(
+            image, maps[features], colors[features], strength_scales=strength[features]
+        )
+    else:
+        composite = composite_overlay(image, maps[features], colors[features])
+    composite_axis.imshow(composite)
     composite_axis.set_title(f"{class_names[predicted]}'s features", fontsize=9)
     _hide_ticks(composite_axis)
 
@@ -375,9 +393,10 @@ def local_explanation_figure(
 
     scale_max = float(maps[features].max()) if features else 0.0
     for axis, (feature, value) in zip(heat_axes, predicted_parts):
-        axis.imshow(
-            heatmap_overlay(image, maps[feature], colors[feature], scale_max=scale_max or None)
-        )
+        scales: dict[str, float | None] = {"scale_max": scale_max or None}
+        if strength_scales is not None:
+            scales = {"strength_scale": float(strength_scales[feature])}
+        axis.imshow(heatmap_overlay(image, maps[feature], colors[feature], **scales))
         axis.set_title(f"{labels[feature]}  {value:+.2f}", fontsize=8, color=tuple(colors[feature]))
         _hide_ticks(axis)
     separating = explanation.separating_feature
