@@ -16,7 +16,8 @@ CACHE = Path(os.environ.get("OPENQPM_EXPERIMENT_CACHE", "/tmp/openqpm_experiment
 
 
 def load_problem(name: str, seed: int = 0) -> AssignmentProblem:
-    """``demo`` (the demo run's real problem) or a generated scale, cached on disk."""
+    """``demo`` (the demo run's real problem) or a generated scale, cached on disk; a scale
+    with ``-strong`` (``cub-strong``) is its strong penalty family."""
     if name == "demo":
         return AssignmentProblem.load(DEMO_PROBLEM)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -24,7 +25,8 @@ def load_problem(name: str, seed: int = 0) -> AssignmentProblem:
     if path.exists():
         return AssignmentProblem.load(path)
     started = time.perf_counter()
-    problem = make_instance(name, seed=seed)
+    scale, _, family = name.partition("-")
+    problem = make_instance(scale, seed=seed, penalty=family or "default")
     problem.save(path)
     print(f"generated {name} seed {seed} in {time.perf_counter() - started:.1f} s", flush=True)
     return problem
