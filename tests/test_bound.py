@@ -256,3 +256,26 @@ def test_ctrl_c_in_autos_second_search_keeps_the_bound(monkeypatch) -> None:
     validate_assignment(problem, assignment)
     assert assignment.bound is not None and assignment.bound >= assignment.objective
     assert "interrupted" in assignment.log[-1]
+
+
+def test_milp_with_a_stop_rate_also_returns_when_the_cut_loop_stalls(monkeypatch) -> None:
+    import dataclasses
+
+    import openqpm.solver.bound as bound_module
+    from openqpm.solver.exact import MilpOptions, solve_milp
+
+    real = bound_module.cut_relaxation_bound
+
+    def stalled(*args, **kwargs):  # the real loop, reported as stalled
+        return dataclasses.replace(real(*args, **kwargs), stopped="stalled")
+
+    monkeypatch.setattr(bound_module, "cut_relaxation_bound", stalled)
+    problem = _priced_problem()
+    result = solve_milp(problem, time_limit_s=60, options=MilpOptions(cut_stop_rate=0.0))
+    assert any("stopped: stalled" in line for line in result.log)
+    assert not any("root round" in line or "branch and bound" in line for line in result.log)
+    assert result.time_s < 50
+    assert result.bound is not None and result.bound >= result.objective
+    # without a stop rate (plain "milp"), the root phase and branch and bound still follow
+    plain = solve_milp(problem, time_limit_s=20, options=MilpOptions())
+    assert any("root round" in line for line in plain.log)
