@@ -121,6 +121,16 @@ def test_dropped_rows_come_back_when_violated_again() -> None:
     assert model.add_class_cut(0, problem.n_per_class - 1)
 
 
+# features priced in and short class lists even on a tiny problem: the cut bound runs first
+_PRICED = {
+    "search_share": 1e-3,
+    "max_search_s": 0.05,
+    "full_model_max_columns": 0,
+    "initial_features_per_selected": 1.0,
+    "initial_depth_per_class": 0.3,
+}
+
+
 @pytest.mark.parametrize("seed", [20, 21])
 def test_priced_milp_uses_the_cut_bound_and_stays_valid(seed: int) -> None:
     from openqpm.solver import solve
@@ -129,15 +139,7 @@ def test_priced_milp_uses_the_cut_bound_and_stays_valid(seed: int) -> None:
 
     problem = _random_problem(seed, n_all=9, n_classes=5, n_features=4, n_per_class=2)
     optimum = brute_force_optimum(problem)
-    # features priced in and short class lists even on a tiny problem: the cut bound runs first
-    priced = MilpOptions(
-        search_share=1e-3,
-        max_search_s=0.05,
-        full_model_max_columns=0,
-        initial_features_per_selected=1.0,
-        initial_depth_per_class=0.3,
-    )
-    result = solve_milp(problem, time_limit_s=20, options=priced)
+    result = solve_milp(problem, time_limit_s=20, options=MilpOptions(**_PRICED))
     validate_assignment(problem, result)
     assert any("cut bound round" in line for line in result.log)
     assert result.bound is not None and result.bound >= optimum - 1e-7
@@ -176,14 +178,7 @@ def test_milp_with_a_stop_rate_returns_early_after_the_cut_bound() -> None:
 
     problem = _random_problem(3, n_all=9, n_classes=5, n_features=4, n_per_class=2)
     optimum = brute_force_optimum(problem)
-    priced = MilpOptions(
-        search_share=1e-3,
-        max_search_s=0.05,
-        full_model_max_columns=0,
-        initial_features_per_selected=1.0,
-        initial_depth_per_class=0.3,
-        cut_stop_rate=math.inf,
-    )
+    priced = MilpOptions(**_PRICED, cut_stop_rate=math.inf)
     result = solve_milp(problem, time_limit_s=30, options=priced)
     assert any("stopped: rate" in line for line in result.log)
     assert not any("root round" in line or "branch and bound" in line for line in result.log)
