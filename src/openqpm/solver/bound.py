@@ -23,7 +23,7 @@ modelled: the bound is one for the problem with distinct sets relaxed, hence for
 Rows that stay slack for a few rounds (clique cuts, pair rows, class cuts) are removed again (a
 removed row only relaxes the LP); a pair row or class cut that is violated again comes back, and
 stays. Clique cuts bring their pairs' y columns but not their pair rows. At CUB scale this keeps
-the LP at about 5 000 rows instead of 40 000 and the bound after 360 s at 198.7 instead of 202.0
+the LP at about 6 200 rows instead of 42 000 and the bound after 360 s at 199.2 instead of 202.0
 (benchmarks/experiments/README.md).
 
 Example:
